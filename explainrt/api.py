@@ -1,0 +1,178 @@
+"""Public API: ``Explainer(model).explain(image, method) -> Explanation``."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+
+from .errors import InvalidInputError
+from .explainers import METHODS
+from .explainers.base import Context, minmax
+from .explainers.driver import run_masked_passes
+from .imaging import ImageLike, PreparedImage, denormalise, overlay, prepare_image
+from .kernels import get_ops
+from .runtime import Engine, load_engine
+
+log = logging.getLogger(__name__)
+
+Target = Union[None, int, Sequence[int]]
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclasses.dataclass
+class Explanation:
+    """The result of one explanation.
+
+    ``saliency_maps`` holds one [0,1] float32 map (H, W at model input size) per target;
+    ``saliency``/``target`` are the first. ``forward_passes`` counts every image sent through
+    the engine, the base pass included. ``timings`` are seconds per stage.
+    """
+
+    method: str
+    targets: list[int]
+    saliency_maps: np.ndarray  # (T, H, W) float32 in [0, 1]
+    raw_maps: np.ndarray  # (T, H, W) before normalisation
+    probs: np.ndarray  # (K,) class probabilities of the original input
+    forward_passes: int
+    timings: dict
+    params: dict
+    labels: list[str]
+    image: Optional[np.ndarray] = None  # original RGB uint8 when the input was an image
+    visualization: Optional[np.ndarray] = None  # Feature CAM's RGB visualisation (H, W, 3)
+    extras: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def saliency(self) -> np.ndarray:
+        return self.saliency_maps[0]
+
+    @property
+    def target(self) -> int:
+        return self.targets[0]
+
+    @property
+    def label(self) -> str:
+        return self.labels[0]
+
+    def top_k(self, k: int = 5) -> list[tuple[int, float]]:
+        """The k most probable classes of the original input as (class, probability)."""
+        order = np.argsort(-self.probs)[:k]
+        return [(int(i), float(self.probs[i])) for i in order]
+
+    def overlay(self, alpha: float = 0.5) -> np.ndarray:
+        """Heatmap over the original image at its original size (RGB uint8)."""
+        if self.image is None:
+            raise InvalidInputError("no original image to overlay on (the input was a preprocessed array)")
+        return overlay(self.image, self.saliency, alpha)
+
+
+class Explainer:
+    """Explains an exported model through an engine, with every masked pass batched.
+
+    ``model`` is a path to an exported ONNX file (or an ``Engine``); ``batch_size`` is how many
+    masked images go through the engine at once (None: the engine's ``max_batch``).
+    """
+
+    def __init__(self, model: Union[str, Engine], batch_size: Optional[int] = None, backend: str = "onnxruntime",
+                 device: str = "cpu", max_batch: Optional[int] = None, **engine_options: Any):
+        if batch_size is not None and int(batch_size) < 1:
+            raise InvalidInputError(f"batch_size must be at least 1, got {batch_size}")
+        if isinstance(model, Engine):
+            self.engine = model
+        else:
+            self.engine = load_engine(str(model), backend=backend, device=device,
+                                      max_batch=max_batch or batch_size or 64, **engine_options)
+        self.batch_size = int(batch_size or self.engine.max_batch)
+        self.metadata = self.engine.metadata
+        self.xp = self.engine.xp
+        self.ops = get_ops(self.xp)
+
+    @staticmethod
+    def methods() -> dict:
+        """Method names and their parameters with defaults."""
+        return {name: cls.parameters() for name, cls in METHODS.items()}
+
+    def prepare(self, image: ImageLike, name: Optional[str] = None) -> PreparedImage:
+        """Decode/resize/normalise ``image`` with the model's metadata."""
+        return prepare_image(image, self.metadata, name)
+
+    def predict(self, image: ImageLike) -> np.ndarray:
+        """Class probabilities (K,) of one image."""
+        prep = self.prepare(image)
+        base = self.engine.base_pass(self.xp.asarray(prep.x))
+        return _host(self.xp, base.probs)
+
+    def _targets(self, target: Target, probs: np.ndarray) -> list[int]:
+        k = probs.shape[0]
+        if target is None:
+            return [int(np.argmax(probs))]
+        items = [target] if np.isscalar(target) else list(target)
+        if not items:
+            raise InvalidInputError("target list is empty")
+        out = []
+        for t in items:
+            if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)):
+                raise InvalidInputError(f"target must be a class index (int), got {t!r}")
+            if not 0 <= int(t) < k:
+                raise InvalidInputError(f"target class {t} is out of range: the model has {k} classes (0..{k - 1})")
+            out.append(int(t))
+        return out
+
+    def explain(self, image: ImageLike, method: str = "sidu", target: Target = None,
+                progress: Optional[ProgressFn] = None, cancel: Optional[threading.Event] = None,
+                **params: Any) -> Explanation:
+        """Explain ``image`` with ``method`` for ``target`` (default: the top-1 class).
+
+        ``params`` are the method's parameters (see ``Explainer.methods()``); ``progress`` is
+        called as ``progress(done, total)`` over masked passes; setting ``cancel`` stops the
+        work between two chunks.
+        """
+        if method not in METHODS:
+            raise InvalidInputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        algo = METHODS[method].create(**params)
+        t0 = time.perf_counter()
+        prep = self.prepare(image)
+        t1 = time.perf_counter()
+        xp = self.xp
+        x = xp.asarray(prep.x)
+        base = self.engine.base_pass(x)
+        probs = _host(xp, base.probs)
+        t2 = time.perf_counter()
+        targets = self._targets(target, probs)
+        rgb = denormalise(prep.x, self.metadata)
+        ctx = Context(engine=self.engine, ops=self.ops, xp=xp, x=x, base=base, targets=targets,
+                      input_hw=tuple(self.metadata.input_size), rgb=rgb, batch_size=self.batch_size)
+        ctx.run_passes = lambda c, plan: run_masked_passes(c, plan, progress=progress, cancel=cancel)
+        result = algo.explain(ctx)
+        raw = result.pop("raw")
+        maps = raw if algo.normalised else minmax(raw, xp)
+        maps, raw = _host(xp, maps), _host(xp, raw)
+        t3 = time.perf_counter()
+        extras = {k: v for k, v in ctx.extras.items() if isinstance(v, (int, float, str))}
+        return Explanation(
+            method=method, targets=targets, saliency_maps=maps.astype(np.float32), raw_maps=raw.astype(np.float32),
+            probs=probs.astype(np.float32), forward_passes=ctx.forward_passes,
+            timings={"preprocess_s": t1 - t0, "base_pass_s": t2 - t1, "explain_s": t3 - t2, "total_s": t3 - t0},
+            params={**algo.parameters(), **params}, labels=[self.metadata.label(t) for t in targets],
+            image=prep.original, visualization=_first(result.get("visualization")), extras=extras,
+        )
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _host(xp, arr) -> np.ndarray:
+    return xp.asnumpy(arr) if xp is not np else np.asarray(arr)
+
+
+def _first(visual):
+    return None if visual is None else visual[0]

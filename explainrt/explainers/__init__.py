@@ -1,0 +1,19 @@
+"""Explanation methods (method math only) and the shared driver that runs them."""
+from __future__ import annotations
+
+from .base import Context, MaskPlan, Method, ScoreTable
+from .fem import FemExplainer
+from .rise import RiseExplainer
+from .scorecam import ScoreCamExplainer
+from .sidu import SiduExplainer
+
+METHODS: dict[str, type[Method]] = {
+    m.name: m for m in (SiduExplainer, ScoreCamExplainer, RiseExplainer, FemExplainer)
+}
+
+from .featurecam import FeatureCamExplainer  # noqa: E402  (needs METHODS for its base map)
+
+METHODS[FeatureCamExplainer.name] = FeatureCamExplainer
+
+__all__ = ["METHODS", "Context", "MaskPlan", "Method", "ScoreTable", "FemExplainer", "FeatureCamExplainer",
+           "RiseExplainer", "ScoreCamExplainer", "SiduExplainer"]

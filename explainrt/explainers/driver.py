@@ -1,0 +1,109 @@
+"""The one batched driver: dedupe, chunking, masked batches into the engine, scores back.
+
+Every method's masked passes go through ``run_masked_passes``. It is written against the
+array namespace (``ctx.xp``/``ctx.ops``) so the GPU engines reuse it unchanged; the engine
+input buffer is allocated once and each chunk's masked images are written straight into it.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable, Optional
+
+import numpy as np
+
+from ..errors import ExplainRTError
+from .base import Context, MaskPlan, ScoreTable
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int], None]
+
+
+class Cancelled(ExplainRTError):
+    """The request was cancelled (or its deadline passed) between two chunks."""
+
+
+def dedupe_binary(xp, masks):
+    """Distinct rows of binary masks in first-occurrence order: (unique_idx, inverse, counts)."""
+    n = masks.shape[0]
+    flat = xp.asnumpy(masks.reshape(n, -1)) if xp is not np else masks.reshape(n, -1)
+    packed = np.packbits(flat.astype(bool), axis=1)
+    _, first, inverse, counts = np.unique(packed, axis=0, return_index=True, return_inverse=True, return_counts=True)
+    order = np.argsort(first, kind="stable")  # renumber rows by first occurrence
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    return first[order], rank[inverse.reshape(-1)], counts[order]
+
+
+def run_masked_passes(ctx: Context, plan: MaskPlan, progress: Optional[ProgressFn] = None,
+                      cancel: Optional[threading.Event] = None) -> ScoreTable:
+    """Run every distinct mask of ``plan`` through the engine in chunks of ``ctx.batch_size``."""
+    xp, ops, engine, meta = ctx.xp, ctx.ops, ctx.engine, ctx.engine.metadata
+    n = plan.count
+    if plan.binary:
+        first, inverse, counts = dedupe_binary(xp, plan.masks)
+    else:
+        first, inverse, counts = np.arange(n), np.arange(n), np.ones(n, np.int64)
+    todo = first
+    # A mask that is 1 everywhere leaves the input unchanged: its scores are the base pass's.
+    known = {}
+    if plan.binary and plan.shift is None and plan.scale is None and plan.offsets is None:
+        ones = xp.asnumpy(plan.masks[first].reshape(first.size, -1).min(axis=1)) if xp is not np else \
+            plan.masks[first].reshape(first.size, -1).min(axis=1)
+        for row in np.flatnonzero(ones >= 1.0):
+            known[int(row)] = True
+    rows_to_run = [r for r in range(first.size) if r not in known]
+    want_logits = meta.logits_output is not None
+    names = [meta.probs_output] + ([meta.logits_output] if want_logits else [])
+    k = int(ctx.base.probs.shape[0])
+    probs = xp.empty((first.size, k), dtype=xp.float32)
+    logits = xp.empty((first.size, k), dtype=xp.float32) if want_logits else None
+    for row in known:
+        probs[row] = ctx.base.probs
+        if want_logits:
+            logits[row] = ctx.base.logits
+    total = len(rows_to_run)
+    bs = max(1, min(ctx.batch_size, engine.max_batch))
+    c, (H, W) = ctx.x.shape[1], ctx.input_hw
+    buffer = xp.empty((min(bs, max(total, 1)), c, H, W), dtype=xp.float32)
+    run_rows = np.asarray(rows_to_run, dtype=np.int64)
+    done = 0
+    if progress:
+        progress(0, total)
+    for start in range(0, total, bs):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(f"cancelled after {done} of {total} masked passes")
+        rows = run_rows[start:start + bs]
+        idx = todo[rows]
+        b = idx.size
+        ops.masked_batch(
+            ctx.x, plan.masks[idx], out=buffer[:b], border=plan.border,
+            shift=None if plan.shift is None else plan.shift[idx],
+            scale=None if plan.scale is None else plan.scale[idx],
+            full_hw=plan.full_hw, offsets=None if plan.offsets is None else plan.offsets[idx],
+        )
+        out = engine.infer(buffer[:b], names)
+        probs[rows] = out[meta.probs_output]
+        if want_logits:
+            logits[rows] = out[meta.logits_output]
+        done += b
+        if progress:
+            progress(done, total)
+    ctx.forward_passes += total
+    log.debug("ran %d masked passes for %d masks (%d distinct)", total, n, first.size)
+    return ScoreTable(probs, logits, inverse, counts, first)
+
+
+def run_inputs(ctx: Context, inputs) -> dict:
+    """Run a few whole inputs (N, C, H, W) through the engine in chunks (e.g. baselines)."""
+    meta = ctx.engine.metadata
+    names = [meta.probs_output] + ([meta.logits_output] if meta.logits_output else [])
+    bs = max(1, min(ctx.batch_size, ctx.engine.max_batch))
+    parts = {n: [] for n in names}
+    for start in range(0, inputs.shape[0], bs):
+        out = ctx.engine.infer(inputs[start:start + bs], names)
+        for name in names:
+            parts[name].append(out[name])
+    ctx.forward_passes += int(inputs.shape[0])
+    return {name: ctx.xp.concatenate(v, axis=0) for name, v in parts.items()}

@@ -1,0 +1,48 @@
+"""Score-CAM (seed 003; reference: the official Score-CAM code and pytorch-grad-cam's ScoreCAM)."""
+from __future__ import annotations
+
+from .base import Context, MaskPlan, Method, ScoreTable, check_choice
+from .driver import run_inputs
+
+
+class ScoreCamExplainer(Method):
+    """Weights each upsampled activation channel by the class score of the input it masks.
+
+    ``score``: 'prob' (softmax, the paper) or 'logit'. ``channel_softmax``: softmax of the scores
+    over channels (pytorch-grad-cam). ``baseline``: subtract the score of the all-zero input
+    (the paper's "increase of confidence"). Constant channels are skipped (exact).
+    """
+
+    name = "scorecam"
+
+    def __init__(self, *, score: str = "prob", channel_softmax: bool = False, baseline: bool = False):
+        self.score = check_choice("score", score, ("prob", "logit"))
+        self.channel_softmax = bool(channel_softmax)
+        self.baseline = bool(baseline)
+
+    def plan(self, ctx: Context) -> MaskPlan:
+        xp = ctx.xp
+        acts = ctx.base.activations.astype(xp.float32)
+        lo, hi = ctx.ops.upsampled_minmax(acts, ctx.input_hw, "clamp")
+        keep = xp.flatnonzero(hi > lo)
+        ctx.extras["channels_skipped"] = int(acts.shape[0] - keep.size)
+        ctx.extras["kept"] = keep
+        span = (hi - lo)[keep]
+        return MaskPlan(masks=acts[keep], border="clamp", shift=-lo[keep], scale=1.0 / span)
+
+    def weigh(self, ctx: Context, plan: MaskPlan, table: ScoreTable):
+        xp = ctx.xp
+        if plan.count == 0:
+            return xp.zeros((len(ctx.targets), *ctx.input_hw), dtype=xp.float32)
+        scores = ctx.score_rows(table, self.score).astype(xp.float64)  # (N, T)
+        if self.baseline:
+            zero = xp.zeros_like(ctx.x)
+            out = run_inputs(ctx, zero)
+            field = ctx.engine.metadata.probs_output if self.score == "prob" else ctx.engine.metadata.logits_output
+            scores = scores - out[field][0, ctx.targets].astype(xp.float64)[None, :]
+        if self.channel_softmax:
+            scores = scores - scores.max(axis=0, keepdims=True)
+            scores = xp.exp(scores)
+            scores = scores / scores.sum(axis=0, keepdims=True)
+        cam = ctx.ops.weighted_mask_sum(scores, plan.masks, ctx.input_hw, border="clamp")
+        return xp.maximum(cam, 0.0)

@@ -1,0 +1,113 @@
+"""Model metadata stored inside the exported ONNX file (``metadata_props``).
+
+Everything a later stage needs to interpret the model (input size and layout, mean/std,
+labels, which outputs are logits, probabilities and activations) travels with the file, so
+no step after export needs flags.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Optional, Sequence
+
+from ..errors import ModelError
+
+METADATA_KEY = "explainrt"
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass
+class ModelMetadata:
+    """What explainrt knows about an exported classifier.
+
+    ``mean``/``std`` are per-channel in pixel units (0–255, RGB order): the engine input is
+    ``(rgb - mean) / std`` in NCHW layout.
+    """
+
+    input_name: str
+    input_size: tuple[int, int]  # (H, W)
+    logits_output: Optional[str]
+    probs_output: str
+    activation_output: str
+    activation_shape: tuple[int, int, int]  # (C, h, w)
+    num_classes: int
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (255.0, 255.0, 255.0)
+    layout: str = "NCHW"
+    channels: int = 3
+    labels: Optional[list[str]] = None
+    activation_layer: Optional[str] = None
+    name: Optional[str] = None
+    source: Optional[str] = None
+    format_version: int = FORMAT_VERSION
+
+    def label(self, index: int) -> str:
+        """Human-readable name of class ``index`` (its number when no labels are known)."""
+        if self.labels and 0 <= index < len(self.labels):
+            return self.labels[index]
+        return f"class {index}"
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelMetadata":
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ModelError(f"the model's explainrt metadata is not valid JSON ({exc}); re-export it") from exc
+        known = {f.name for f in dataclasses.fields(cls)}
+        raw = {k: v for k, v in raw.items() if k in known}
+        for key in ("input_size", "activation_shape", "mean", "std"):
+            if key in raw and raw[key] is not None:
+                raw[key] = tuple(raw[key])
+        try:
+            return cls(**raw)
+        except TypeError as exc:
+            raise ModelError(f"the model's explainrt metadata is incomplete ({exc}); re-export it") from exc
+
+
+def write_metadata(model, meta: ModelMetadata) -> None:
+    """Store ``meta`` in an ``onnx.ModelProto``'s metadata_props (replacing an older copy)."""
+    for prop in list(model.metadata_props):
+        if prop.key == METADATA_KEY:
+            model.metadata_props.remove(prop)
+    entry = model.metadata_props.add()
+    entry.key = METADATA_KEY
+    entry.value = meta.to_json()
+
+
+def read_metadata_props(props: dict, path: str = "the model") -> ModelMetadata:
+    """Parse explainrt metadata from a ``{key: value}`` mapping of metadata_props."""
+    if METADATA_KEY not in props:
+        raise ModelError(
+            f"{path} has no explainrt metadata, so explainrt does not know which output holds the "
+            "activations. Export it with `explainrt export` (from torch, or `--onnx in.onnx` to "
+            "expose an activation tensor of an existing ONNX model)."
+        )
+    return ModelMetadata.from_json(props[METADATA_KEY])
+
+
+def load_labels(path: str) -> list[str]:
+    """Read class labels, one per line (blank lines at the end ignored)."""
+    with open(path, encoding="utf-8") as fh:
+        labels = [line.rstrip("\n") for line in fh]
+    while labels and not labels[-1].strip():
+        labels.pop()
+    return labels
+
+
+def imagenet_labels() -> list[str]:
+    """The 1000 ImageNet-1k class names shipped with explainrt."""
+    import os
+
+    return load_labels(os.path.join(os.path.dirname(__file__), "imagenet_labels.txt"))
+
+
+def check_labels(labels: Optional[Sequence[str]], num_classes: int) -> Optional[list[str]]:
+    if labels is None:
+        return None
+    labels = list(labels)
+    if len(labels) != num_classes:
+        raise ModelError(f"{len(labels)} labels given but the model has {num_classes} classes")
+    return labels

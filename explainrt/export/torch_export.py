@@ -1,0 +1,116 @@
+"""torch → ONNX with outputs logits, probs and the activations of one layer."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional, Sequence
+
+from ..errors import InvalidInputError, ModelError, require
+from .finalize import probe_and_store
+from .metadata import ModelMetadata
+
+log = logging.getLogger(__name__)
+
+OUTPUT_NAMES = ("logits", "probs", "activations")
+
+
+def find_activation_layer(model, example) -> tuple[str, int]:
+    """(module name, call index) of the last module whose output is 4-D with h·w > 1.
+
+    That is the last convolutional feature map before global pooling. The call index handles
+    modules reused within one forward (e.g. a shared activation function).
+    """
+    torch = require("torch", "export", "exporting a torch model")
+    calls: list[tuple[str, int]] = []
+    seen: dict[str, int] = {}
+    handles = []
+
+    def hook(name):
+        def fn(_module, _inputs, output):
+            idx = seen.get(name, 0)
+            seen[name] = idx + 1
+            if isinstance(output, torch.Tensor) and output.dim() == 4 and output.shape[2] * output.shape[3] > 1:
+                calls.append((name, idx))
+        return fn
+
+    for name, module in model.named_modules():
+        if name:
+            handles.append(module.register_forward_hook(hook(name)))
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    if not calls:
+        raise ModelError("the model has no module with a 4-D output (N, C, h, w) with h·w > 1; name the layer to explain")
+    return calls[-1]
+
+
+def _wrap(model, layer: str, call_index: int):
+    torch = require("torch", "export", "exporting a torch model")
+
+    class WithActivations(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+            self._target = dict(model.named_modules())[layer]
+
+        def forward(self, x):
+            captured = []
+            handle = self._target.register_forward_hook(lambda _m, _i, out: captured.append(out))
+            try:
+                logits = self.model(x)
+            finally:
+                handle.remove()
+            return logits, torch.softmax(logits, dim=1), captured[call_index]
+
+    return WithActivations()
+
+
+def export_torch(model, path: str, input_size: Sequence[int] = (224, 224), layer: Optional[str] = None,
+                 mean: Sequence[float] = (0.485 * 255, 0.456 * 255, 0.406 * 255),
+                 std: Sequence[float] = (0.229 * 255, 0.224 * 255, 0.225 * 255),
+                 labels: Optional[Sequence[str]] = None, name: Optional[str] = None, opset: int = 17) -> ModelMetadata:
+    """Export a torch classifier (returning logits) to ONNX with activation outputs and metadata.
+
+    ``layer``: module name (``model.named_modules()``) whose output to explain; default the
+    last module with a 4-D output before global pooling. ``mean``/``std`` are RGB, 0–255
+    scale. The batch axis is dynamic; opset ≥ 17.
+    """
+    torch = require("torch", "export", "exporting a torch model")
+    if opset < 17:
+        raise InvalidInputError(f"opset must be >= 17, got {opset}")
+    h, w = (int(input_size[0]), int(input_size[1]))
+    model = model.eval()
+    example = torch.zeros(1, 3, h, w)
+    if layer is None:
+        layer, call_index = find_activation_layer(model, example)
+    else:
+        modules = dict(model.named_modules())
+        if layer not in modules:
+            near = [n for n in modules if n and layer.split(".")[-1] in n][:5]
+            raise InvalidInputError(f"model has no module named {layer!r}" + (f"; similar: {near}" if near else ""))
+        call_index = -1
+    wrapped = _wrap(model, layer, call_index).eval()
+    with torch.no_grad():
+        logits = wrapped(example)[0]
+    if logits.dim() != 2:
+        raise ModelError(f"the model's output has shape {tuple(logits.shape)}; expected logits (N, classes)")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    axes = {n: {0: "batch"} for n in ("input", *OUTPUT_NAMES)}
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(wrapped, (example,), path, input_names=["input"], output_names=list(OUTPUT_NAMES),
+                          dynamic_axes=axes, opset_version=opset, dynamo=False, do_constant_folding=True)
+    meta = ModelMetadata(
+        input_name="input", input_size=(h, w), logits_output="logits", probs_output="probs",
+        activation_output="activations", activation_shape=(0, 0, 0), num_classes=0,
+        mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
+        labels=list(labels) if labels is not None else None,
+        activation_layer=f"{layer}" if call_index in (0, -1) else f"{layer}#{call_index}",
+        name=name or type(model).__name__, source="torch",
+    )
+    return probe_and_store(path, meta)

@@ -1,0 +1,149 @@
+"""Image decoding, preprocessing with the model's metadata, and heatmap overlays."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional, Union
+
+import cv2
+import numpy as np
+
+from .errors import InvalidInputError
+from .export.metadata import ModelMetadata
+
+ImageLike = Union[str, os.PathLike, np.ndarray, bytes]
+
+
+@dataclasses.dataclass
+class PreparedImage:
+    """An engine-ready input plus the original picture it came from (if any)."""
+
+    x: np.ndarray  # float32 (1, 3, H, W), normalised
+    original: Optional[np.ndarray]  # uint8 RGB (h, w, 3) or None for preprocessed input
+    name: str = "image"
+
+
+def decode_image(data: bytes, name: str = "image") -> np.ndarray:
+    """Decode PNG/JPEG/... bytes to uint8 RGB; raises InvalidInputError if it is not an image."""
+    buf = np.frombuffer(data, dtype=np.uint8)
+    img = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
+    if img is None:
+        raise InvalidInputError(
+            f"{name}: could not decode the image ({len(data)} bytes); it is corrupt or not in a "
+            "format OpenCV reads (PNG, JPEG, BMP, TIFF, WebP)"
+        )
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def read_image(path: Union[str, os.PathLike]) -> np.ndarray:
+    """Read an image file to uint8 RGB (H, W, 3)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise InvalidInputError(f"image file not found: {path}")
+    with open(path, "rb") as fh:
+        return decode_image(fh.read(), name=path)
+
+
+def as_rgb_uint8(img: np.ndarray, name: str = "image") -> np.ndarray:
+    """Accept H×W (grey), H×W×1, H×W×3 or H×W×4 uint8 arrays and return H×W×3 RGB."""
+    if img.dtype != np.uint8:
+        raise InvalidInputError(f"{name}: an H×W×3 image array must be uint8, got {img.dtype}")
+    if img.ndim == 2:
+        return np.repeat(img[:, :, None], 3, axis=2)
+    if img.ndim == 3 and img.shape[2] == 1:
+        return np.repeat(img, 3, axis=2)
+    if img.ndim == 3 and img.shape[2] == 4:
+        return np.ascontiguousarray(img[:, :, :3])
+    if img.ndim == 3 and img.shape[2] == 3:
+        return img
+    raise InvalidInputError(
+        f"{name}: expected an RGB image of shape (H, W, 3) (or H×W grey, H×W×4 RGBA), got shape {img.shape}"
+    )
+
+
+def normalise(rgb: np.ndarray, meta: ModelMetadata) -> np.ndarray:
+    """Resize an RGB uint8 image to the model's input and normalise: float32 (1, 3, H, W)."""
+    h, w = meta.input_size
+    if rgb.shape[0] < 1 or rgb.shape[1] < 1:
+        raise InvalidInputError(f"image has no pixels (shape {rgb.shape})")
+    shrinking = rgb.shape[0] > h or rgb.shape[1] > w
+    resized = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    mean = np.asarray(meta.mean, np.float32)
+    std = np.asarray(meta.std, np.float32)
+    x = (resized.astype(np.float32) - mean) / std
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+
+
+def check_preprocessed(x: np.ndarray, meta: ModelMetadata, name: str = "input") -> np.ndarray:
+    """Validate an already-normalised float array (3,H,W) or (1,3,H,W) and return (1,3,H,W)."""
+    if x.ndim == 3:
+        x = x[None]
+    expected = (1, meta.channels, *meta.input_size)
+    if x.ndim != 4 or tuple(x.shape) != expected:
+        raise InvalidInputError(
+            f"{name}: a preprocessed array must have shape {expected[1:]} or {expected}, got {tuple(x.shape)}; "
+            "pass an H×W×3 uint8 image instead to let explainrt resize and normalise it"
+        )
+    if not np.all(np.isfinite(x)):
+        raise InvalidInputError(f"{name}: the preprocessed array contains NaN or Inf values")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def prepare_image(image: ImageLike, meta: ModelMetadata, name: Optional[str] = None) -> PreparedImage:
+    """Turn a path, encoded bytes, an RGB uint8 array or a preprocessed float array into engine input."""
+    if isinstance(image, (str, os.PathLike)):
+        rgb = read_image(image)
+        return PreparedImage(normalise(rgb, meta), rgb, name or os.path.basename(os.fspath(image)))
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        rgb = decode_image(bytes(image), name or "image bytes")
+        return PreparedImage(normalise(rgb, meta), rgb, name or "image")
+    if isinstance(image, np.ndarray):
+        if np.issubdtype(image.dtype, np.floating):
+            return PreparedImage(check_preprocessed(image, meta, name or "input"), None, name or "input")
+        rgb = as_rgb_uint8(image, name or "image")
+        return PreparedImage(normalise(rgb, meta), rgb, name or "image")
+    raise InvalidInputError(
+        f"unsupported image type {type(image).__name__}: pass a file path, encoded image bytes, an "
+        "H×W×3 uint8 RGB array, or a preprocessed float32 array of shape (3,H,W)/(1,3,H,W)"
+    )
+
+
+def denormalise(x: np.ndarray, meta: ModelMetadata) -> np.ndarray:
+    """Invert ``normalise`` (without the resize): (1,3,H,W) float → (H,W,3) uint8 RGB."""
+    img = x[0].transpose(1, 2, 0) * np.asarray(meta.std, np.float32) + np.asarray(meta.mean, np.float32)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def colormap(saliency: np.ndarray) -> np.ndarray:
+    """Map a [0,1] float map to a uint8 RGB JET heatmap."""
+    u8 = np.clip(np.rint(np.nan_to_num(saliency) * 255.0), 0, 255).astype(np.uint8)
+    return cv2.cvtColor(cv2.applyColorMap(u8, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+
+
+def resize_map(saliency: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    """Bilinearly resize a float map to (H, W)."""
+    h, w = size_hw
+    if saliency.shape == (h, w):
+        return saliency.astype(np.float32, copy=False)
+    return cv2.resize(saliency.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def overlay(image_rgb: np.ndarray, saliency: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Blend a JET heatmap of ``saliency`` over ``image_rgb`` at the image's own size."""
+    heat = colormap(resize_map(saliency, image_rgb.shape[:2]))
+    out = (1.0 - alpha) * image_rgb.astype(np.float32) + alpha * heat.astype(np.float32)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def write_png(path: Union[str, os.PathLike], rgb: np.ndarray) -> None:
+    """Write an RGB uint8 image as PNG."""
+    if not cv2.imwrite(os.fspath(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
+        raise InvalidInputError(f"could not write {path}")
+
+
+def encode_png(rgb: np.ndarray) -> bytes:
+    """Encode an RGB uint8 image as PNG bytes."""
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise InvalidInputError("could not encode PNG")
+    return buf.tobytes()
