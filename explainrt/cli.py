@@ -1,0 +1,243 @@
+"""Command line: `explainrt export | explain | demo | …` (`explainrt -h`)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+import time
+from typing import Optional
+
+from .errors import ExplainRTError, InvalidInputError
+
+log = logging.getLogger(__name__)
+
+# Modules that add their own subcommands with `register(subparsers)`; heavy imports stay lazy.
+COMMAND_MODULES: list[str] = []
+
+DEMO_IMAGES = ("chelsea", "coffee", "astronaut", "rocket")
+
+
+def parse_params(items) -> dict:
+    """`-p key=value` pairs; values are JSON literals when they parse (numbers, true/false), else strings."""
+    params = {}
+    for item in items or []:
+        if "=" not in item:
+            raise InvalidInputError(f"parameter {item!r} must look like name=value (e.g. -p n_masks=2000)")
+        key, value = item.split("=", 1)
+        try:
+            params[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key.strip()] = value
+    return params
+
+
+class ProgressBar:
+    """A tqdm bar over masked passes, re-created per (image, method)."""
+
+    def __init__(self, desc: str, enabled: bool):
+        self.desc, self.enabled, self.bar = desc, enabled, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled or total == 0:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=self.desc, unit="pass", leave=False, file=sys.stderr,
+                             disable=None)  # None: off when stderr is not a terminal
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def cmd_export(args) -> int:
+    from .export import expose_activation, export_zoo_model, load_labels
+
+    if bool(args.model) == bool(args.onnx):
+        raise InvalidInputError("give either a built-in model name (e.g. efficientnet-lite0) or --onnx IN.onnx")
+    if args.model:
+        meta = export_zoo_model(args.model, args.output)
+    else:
+        kwargs = {}
+        if args.mean:
+            kwargs["mean"] = args.mean
+        if args.std:
+            kwargs["std"] = args.std
+        meta = expose_activation(args.onnx, args.output, activation=args.activation, input_size=args.input_size,
+                                 labels=load_labels(args.labels) if args.labels else None, **kwargs)
+    print(f"wrote {args.output}: input {meta.input_name} {meta.channels}x{meta.input_size[0]}x{meta.input_size[1]}, "
+          f"activation {meta.activation_output} {'x'.join(map(str, meta.activation_shape))} "
+          f"({meta.activation_layer}), {meta.num_classes} classes")
+    return 0
+
+
+def _explain_images(args, images: list[str]) -> int:
+    from . import Explainer
+    from .outputs import parse_methods, result_line, result_record, write_result_files, dumps
+
+    methods = parse_methods(args.method)
+    params = parse_params(args.param)
+    explainer = Explainer(args.model, batch_size=args.batch_size, backend=args.backend, device=args.device,
+                          **({"threads": args.threads} if args.threads else {}))
+    show_bar = not args.no_progress
+    failures = 0
+    for path in images:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        for method in methods:
+            bar = ProgressBar(f"{stem} {method}", show_bar)
+            t0 = time.perf_counter()
+            try:
+                result = explainer.explain(path, method, target=args.target, progress=bar,
+                                           **_method_params(params, method))
+            except InvalidInputError as exc:
+                bar.close()
+                if len(images) == 1:
+                    raise
+                print(f"explainrt: error: {path}: {exc}", file=sys.stderr)
+                failures += 1
+                break
+            finally:
+                bar.close()
+            seconds = time.perf_counter() - t0
+            files = write_result_files(args.output, stem, method, result.saliency, result.image, result.visualization)
+            prob = float(result.probs[result.target])
+            if args.json:
+                print(dumps(result_record(path, method, result.target, result.label, prob, result.forward_passes,
+                                          seconds, files, [[c, round(p, 6)] for c, p in result.top_k(5)])))
+            else:
+                print(result_line(stem, method, result.target, result.label, prob, result.forward_passes, seconds,
+                                  files))
+    return 1 if failures else 0
+
+
+def _method_params(params: dict, method: str) -> dict:
+    """Keep only the -p parameters the method takes, so `--method all -p n_masks=…` works."""
+    from .explainers import METHODS
+
+    if method not in METHODS:
+        return params
+    known = METHODS[method].parameters()
+    picked = {k: v for k, v in params.items() if k in known}
+    unknown = [k for k in params if not any(k in cls.parameters() for cls in METHODS.values())]
+    if unknown:
+        raise InvalidInputError(f"unknown parameter(s) {', '.join(unknown)}; see `explainrt methods`")
+    return picked
+
+
+def cmd_explain(args) -> int:
+    if args.target is not None and args.target < 0:
+        raise InvalidInputError(f"--target must be a class index >= 0, got {args.target}")
+    return _explain_images(args, args.images)
+
+
+def cmd_methods(args) -> int:
+    from .explainers import METHODS
+
+    for name, cls in METHODS.items():
+        params = ", ".join(f"{k}={v!r}" for k, v in cls.parameters().items())
+        print(f"{name:<11} {params}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Export EfficientNet-Lite0 (once), write scikit-image photographs, explain them with every method."""
+    from .errors import require
+    from .imaging import write_png
+
+    data = require("skimage.data", "demo", "the demo images")
+    os.makedirs(args.output, exist_ok=True)
+    model = args.model
+    if not os.path.isfile(model):
+        print(f"exporting efficientnet-lite0 to {model} …", file=sys.stderr)
+        from .export import export_zoo_model
+
+        export_zoo_model("efficientnet-lite0", model)
+    image_dir = os.path.join(args.output, "images")
+    os.makedirs(image_dir, exist_ok=True)
+    images = []
+    for name in args.images:
+        path = os.path.join(image_dir, f"{name}.png")
+        img = getattr(data, name)()
+        if img.ndim == 2:
+            import numpy as np
+
+            img = np.repeat(img[:, :, None], 3, axis=2)
+        write_png(path, img[:, :, :3])
+        images.append(path)
+    args.model = model
+    return _explain_images(args, images)
+
+
+def _add_explain_options(p) -> None:
+    p.add_argument("--method", default="all", help="sidu|scorecam|rise|fem|featurecam|all, or a comma list")
+    p.add_argument("-o", "--output", default="out", help="output directory (default: out)")
+    p.add_argument("--target", type=int, default=None, help="class to explain (default: the top-1 class)")
+    p.add_argument("-p", "--param", action="append", metavar="NAME=VALUE",
+                   help="method parameter, repeatable (e.g. -p n_masks=2000 -p threshold=0.1); see `explainrt methods`")
+    p.add_argument("--batch-size", type=int, default=64, help="masked images per engine call (default 64)")
+    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch", "tensorrt"))
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--json", action="store_true", help="print one JSON object per result")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="explainrt", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("export", help="export a model to ONNX with activation outputs and metadata")
+    p.add_argument("model", nargs="?", help="built-in model name: efficientnet-lite0")
+    p.add_argument("--onnx", help="an existing ONNX classifier to expose an activation of")
+    p.add_argument("--activation", help="tensor name to expose (default: the last 4-D tensor before global pooling)")
+    p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="input size when the ONNX one is dynamic")
+    p.add_argument("--mean", type=float, nargs=3, help="RGB mean, 0-255 scale (default ImageNet)")
+    p.add_argument("--std", type=float, nargs=3, help="RGB std, 0-255 scale (default ImageNet)")
+    p.add_argument("--labels", help="text file with one class label per line")
+    p.add_argument("-o", "--output", required=True, help="output .onnx path")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("explain", help="explain images with one or more methods")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--model", required=True, help="exported .onnx model")
+    _add_explain_options(p)
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("demo", help="explain scikit-image photographs with the built-in EfficientNet-Lite0")
+    p.add_argument("--model", default=os.path.join("models", "lite0.onnx"), help="where the demo model is (exported if missing)")
+    p.add_argument("--images", nargs="+", default=list(DEMO_IMAGES), help="scikit-image data names")
+    _add_explain_options(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("methods", help="list methods and their parameters")
+    p.set_defaults(func=cmd_methods)
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except ExplainRTError as exc:
+        print(f"explainrt: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("explainrt: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Files and JSON written per explanation (shared by `explainrt explain` and `explainrt client`)."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import numpy as np
+
+from .imaging import overlay, write_png
+
+METHOD_ORDER = ("sidu", "scorecam", "rise", "fem", "featurecam")
+
+
+def parse_methods(spec: str) -> list[str]:
+    """'all' or a comma-separated list of method names (validated later by the explainer)."""
+    if spec == "all":
+        return list(METHOD_ORDER)
+    return [m.strip() for m in spec.split(",") if m.strip()]
+
+
+def write_result_files(outdir: str, stem: str, method: str, saliency: np.ndarray, image: Optional[np.ndarray],
+                       visualization: Optional[np.ndarray] = None) -> dict:
+    """Write ``<stem>.<method>.npy`` (saliency) and ``<stem>.<method>.png`` (overlay at original size).
+
+    Feature CAM also writes its RGB visualisation as ``<stem>.featurecam.vis.png``.
+    """
+    os.makedirs(outdir, exist_ok=True)
+    base = os.path.join(outdir, f"{stem}.{method}")
+    np.save(base + ".npy", saliency.astype(np.float32))
+    files = {"npy": base + ".npy"}
+    if image is not None:
+        write_png(base + ".png", overlay(image, saliency))
+        files["png"] = base + ".png"
+    if visualization is not None:
+        import cv2
+
+        vis = visualization
+        if image is not None and vis.shape[:2] != image.shape[:2]:
+            vis = cv2.resize(vis, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
+        write_png(base + ".vis.png", vis)
+        files["visualization"] = base + ".vis.png"
+    return files
+
+
+def result_record(image_name: str, method: str, target: int, label: str, prob: float, forward_passes: int,
+                  seconds: float, files: dict, top: Optional[list] = None) -> dict:
+    """The JSON object printed per (image, method) with --json."""
+    return {"image": image_name, "method": method, "target": target, "label": label, "probability": round(prob, 6),
+            "forward_passes": forward_passes, "seconds": round(seconds, 4), "files": files,
+            **({"top_k": top} if top is not None else {})}
+
+
+def result_line(image_name: str, method: str, target: int, label: str, prob: float, forward_passes: int,
+                seconds: float, files: dict) -> str:
+    """The one human-readable line printed per (image, method)."""
+    where = files.get("png") or files.get("npy")
+    return (f"{image_name}: {label} ({target}) p={prob:.3f} | {method}: {forward_passes} forward passes "
+            f"in {seconds:.2f} s -> {where}")
+
+
+def dumps(record: dict) -> str:
+    return json.dumps(record, sort_keys=False)
