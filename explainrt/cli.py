@@ -99,7 +99,7 @@ def _explain_images(args, images: list[str]) -> int:
                 bar.close()
                 if len(images) == 1:
                     raise
-                print(f"explainrt: error: {path}: {exc}", file=sys.stderr)
+                print(f"explainrt: error: {path}: {' '.join(str(exc).split())}", file=sys.stderr)
                 failures += 1
                 break
             finally:
@@ -232,7 +232,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ExplainRTError as exc:
-        print(f"explainrt: error: {exc}", file=sys.stderr)
+        print(f"explainrt: error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line
         return 2
     except KeyboardInterrupt:
         print("explainrt: interrupted", file=sys.stderr)

@@ -1,0 +1,104 @@
+"""Bad input raises the project's exceptions with messages that say what was wrong."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from explainrt import Explainer, InvalidInputError, ModelError
+
+
+@pytest.fixture(scope="module")
+def explainer(tiny_model):
+    return Explainer(tiny_model[1], batch_size=8)
+
+
+def test_corrupt_image_file(explainer, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    with pytest.raises(InvalidInputError, match="could not decode"):
+        explainer.explain(str(bad), "fem")
+
+
+def test_missing_image_file(explainer, tmp_path):
+    with pytest.raises(InvalidInputError, match="not found"):
+        explainer.explain(str(tmp_path / "nope.jpg"), "fem")
+
+
+def test_corrupt_bytes(explainer):
+    with pytest.raises(InvalidInputError, match="could not decode"):
+        explainer.explain(b"garbage", "fem")
+
+
+@pytest.mark.parametrize("shape,match", [
+    ((10, 10, 5), "expected an RGB image"),
+    ((4, 10, 10, 3), "expected an RGB image"),
+])
+def test_wrong_image_shape(explainer, shape, match):
+    with pytest.raises(InvalidInputError, match=match):
+        explainer.explain(np.zeros(shape, np.uint8), "fem")
+
+
+def test_wrong_dtype(explainer):
+    with pytest.raises(InvalidInputError, match="uint8"):
+        explainer.explain(np.zeros((10, 10, 3), np.int32), "fem")
+
+
+def test_wrong_preprocessed_shape(explainer):
+    with pytest.raises(InvalidInputError, match=r"shape \(3, 32, 32\)"):
+        explainer.explain(np.zeros((3, 16, 16), np.float32), "fem")
+
+
+def test_nan_in_preprocessed(explainer):
+    x = np.zeros((1, 3, 32, 32), np.float32)
+    x[0, 1, 2, 3] = np.nan
+    with pytest.raises(InvalidInputError, match="NaN"):
+        explainer.explain(x, "fem")
+
+
+def test_grey_and_rgba_are_accepted(explainer, rgb_image):
+    assert explainer.explain(rgb_image[:, :, 0], "fem").saliency.shape == (32, 32)
+    rgba = np.concatenate([rgb_image, np.full(rgb_image.shape[:2] + (1,), 255, np.uint8)], axis=2)
+    assert explainer.explain(rgba, "fem").saliency.shape == (32, 32)
+
+
+def test_unknown_method(explainer, rgb_image):
+    with pytest.raises(InvalidInputError, match="unknown method 'gradcam'.*sidu"):
+        explainer.explain(rgb_image, "gradcam")
+
+
+def test_unknown_parameter(explainer, rgb_image):
+    with pytest.raises(InvalidInputError, match="unknown parameter.*n_mask.*rise"):
+        explainer.explain(rgb_image, "rise", n_mask=10)
+
+
+@pytest.mark.parametrize("target", [5, -1, [0, 9]])
+def test_target_out_of_range(explainer, rgb_image, target):
+    with pytest.raises(InvalidInputError, match="out of range.*5 classes"):
+        explainer.explain(rgb_image, "fem", target=target)
+
+
+def test_target_wrong_type(explainer, rgb_image):
+    with pytest.raises(InvalidInputError, match="class index"):
+        explainer.explain(rgb_image, "fem", target="cat")
+
+
+def test_missing_model(tmp_path):
+    with pytest.raises(ModelError, match="not found"):
+        Explainer(str(tmp_path / "missing.onnx"))
+
+
+def test_not_an_onnx_file(tmp_path):
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"this is not a protobuf")
+    with pytest.raises(ModelError, match="could not load"):
+        Explainer(str(junk))
+
+
+def test_unknown_backend(tiny_model):
+    with pytest.raises(InvalidInputError, match="unknown backend"):
+        Explainer(tiny_model[1], backend="tflite")
+
+
+def test_bad_batch_size(tiny_model):
+    with pytest.raises(InvalidInputError, match="batch_size"):
+        Explainer(tiny_model[1], batch_size=0)

@@ -1,0 +1,118 @@
+"""The command line end to end, through a subprocess."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import random_rgb, write_image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args, check=True):
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "explainrt", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def test_explain_all_methods_writes_files(tiny_model, tmp_path):
+    img = write_image(tmp_path / "pic.png", random_rgb(50, 70))
+    out = tmp_path / "out"
+    proc = run_cli("explain", "--model", tiny_model[1], "--method", "all", img, "-o", str(out), "--json",
+                   "-p", "n_masks=40", "--batch-size", "16")
+    records = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["method"] for r in records] == ["sidu", "scorecam", "rise", "fem", "featurecam"]
+    for r in records:
+        assert r["label"].startswith("thing") and 0 <= r["probability"] <= 1 and r["forward_passes"] >= 1
+        sal = np.load(out / f"pic.{r['method']}.npy")
+        assert sal.shape == (32, 32) and 0 <= sal.min() and sal.max() <= 1
+        import cv2
+
+        png = cv2.imread(str(out / f"pic.{r['method']}.png"))
+        assert png.shape == (50, 70, 3)  # overlay at the original size
+    assert records[2]["forward_passes"] == 41
+    assert (out / "pic.featurecam.vis.png").exists()
+
+
+def test_explain_human_output(tiny_model, tmp_path):
+    img = write_image(tmp_path / "a.png", random_rgb(32, 32))
+    proc = run_cli("explain", "--model", tiny_model[1], "--method", "fem", img, "-o", str(tmp_path / "o"))
+    assert "a: thing" in proc.stdout and "fem: 1 forward passes" in proc.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--method", "gradcam"], "unknown method 'gradcam'"),
+    (["--target", "99"], "out of range"),
+    (["-p", "n_masks=0", "--method", "rise"], "n_masks must be >= 1"),
+    (["-p", "bogus=1"], "unknown parameter"),
+])
+def test_explain_bad_arguments_exit_nonzero_with_one_line(tiny_model, tmp_path, args, message):
+    img = write_image(tmp_path / "a.png", random_rgb(32, 32))
+    proc = run_cli("explain", "--model", tiny_model[1], img, "-o", str(tmp_path / "o"), *args, check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_explain_corrupt_image(tiny_model, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a jpeg")
+    proc = run_cli("explain", "--model", tiny_model[1], str(bad), "-o", str(tmp_path / "o"), check=False)
+    assert proc.returncode == 2 and "could not decode" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_explain_model_without_activation_output(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 8])])
+    path = tmp_path / "plain.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), str(path))
+    img = write_image(tmp_path / "a.png", random_rgb(8, 8))
+    proc = run_cli("explain", "--model", str(path), img, "-o", str(tmp_path / "o"), check=False)
+    assert proc.returncode == 2 and "no explainrt metadata" in proc.stderr
+
+
+def test_export_onnx_surgery_cli(tmp_path):
+    torch = pytest.importorskip("torch")
+    from tests.conftest import tiny_cnn
+
+    src = str(tmp_path / "plain.onnx")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(tiny_cnn(), (torch.zeros(1, 3, 32, 32),), src, input_names=["x"], output_names=["y"],
+                          opset_version=17, dynamo=False)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(f"c{i}" for i in range(5)) + "\n")
+    dst = str(tmp_path / "exposed.onnx")
+    proc = run_cli("export", "--onnx", src, "-o", dst, "--labels", str(labels), "--mean", "0", "0", "0",
+                   "--std", "255", "255", "255")
+    assert "12x8x8" in proc.stdout and "5 classes" in proc.stdout
+    img = write_image(tmp_path / "a.png", random_rgb(32, 32))
+    proc = run_cli("explain", "--model", dst, img, "--method", "scorecam", "-o", str(tmp_path / "o"))
+    assert "a: c" in proc.stdout
+
+
+@pytest.mark.slow
+def test_export_builtin_model_cli(tmp_path):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    dst = str(tmp_path / "lite0.onnx")
+    proc = run_cli("export", "efficientnet-lite0", "-o", dst)
+    assert "1280x7x7" in proc.stdout and "1000 classes" in proc.stdout
+
+
+def test_methods_lists_parameters():
+    proc = run_cli("methods")
+    assert "rise" in proc.stdout and "n_masks=4000" in proc.stdout and "threshold=0.5" in proc.stdout
