@@ -1,0 +1,38 @@
+"""Heavy optional dependencies stay lazy: the core runtime imports none of them."""
+from __future__ import annotations
+
+import os
+import pkgutil
+import subprocess
+import sys
+
+import explainrt
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HEAVY = ("torch", "cupy", "tensorrt", "grpc", "matplotlib", "skimage", "scipy", "pytorch_grad_cam")
+
+
+def test_core_imports_no_heavy_dependency():
+    code = (
+        "import sys, explainrt, explainrt.cli, explainrt.api, explainrt.explainers, explainrt.export, "
+        "explainrt.runtime, explainrt.kernels\n"
+        "explainrt.cli.build_parser()\n"
+        f"heavy = [m for m in {HEAVY!r} if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_every_module_imports():
+    """Each module imports on its own (optional dependencies only inside functions)."""
+    failures = []
+    for info in pkgutil.walk_packages(explainrt.__path__, "explainrt."):
+        if info.name.endswith("__main__"):
+            continue
+        try:
+            __import__(info.name)
+        except ImportError as exc:  # a missing optional extra must not break import
+            failures.append(f"{info.name}: {exc}")
+    assert not failures, failures
