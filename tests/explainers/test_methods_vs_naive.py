@@ -11,7 +11,9 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
-import torch
+
+torch = pytest.importorskip("torch")  # the export extra: builds the tiny model
+pytest.importorskip("skimage")  # the SIDU / RISE reference resampler
 
 try:  # tests/ as packages or as rootdir-relative modules
     from . import naive
@@ -315,6 +317,17 @@ def test_featurecam_matches_formula(explainer, image, acts, feature_input, combi
     diff = np.abs(exp.visualization.astype(np.int64) - np.rint(want_vis * 255.0).astype(np.int64))
     assert diff.max() <= 1
     assert exp.forward_passes == 1
+
+
+def test_featurecam_default_base_is_normalised_scorecam(explainer, reference, image, x):
+    exp = explainer.explain(image, "featurecam", target=[0, 3])  # base scorecam, blend21, add, k=0.25
+    f = sobel_edges(image).astype(np.float64)
+    grey = ((2.0 * image.astype(np.float64) / 255.0 + f[:, :, None]) / 3.0).mean(axis=2)
+    cams, skipped = naive.scorecam(reference, x, [0, 3])
+    assert exp.forward_passes == 1 + naive.CHANNELS - skipped
+    for t in range(2):
+        want = np.clip(0.25 * grey + naive.minmax(cams[t]), 0.0, 1.0)
+        np.testing.assert_allclose(exp.raw_maps[t], want, atol=1e-4)
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,9 +11,10 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
-from skimage.transform import resize as sk_resize
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+sk_resize = pytest.importorskip("skimage.transform").resize
 
 from explainrt.kernels import get_ops, reference as ops
 
