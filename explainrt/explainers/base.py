@@ -126,10 +126,13 @@ class Method:
 
 def check_range(name: str, value, low=None, high=None, low_open=False, kind=float):
     """Validate a numeric parameter and return it converted to ``kind``."""
+    if isinstance(value, (bool, np.bool_)) or (kind is int and isinstance(value, (float, np.floating))
+                                               and not float(value).is_integer()):
+        raise InvalidInputError(f"parameter {name} must be a{'n' if kind is int else ''} {kind.__name__}, got {value!r}")
     try:
         value = kind(value)
     except (TypeError, ValueError):
-        raise InvalidInputError(f"parameter {name} must be a {kind.__name__}, got {value!r}") from None
+        raise InvalidInputError(f"parameter {name} must be a{'n' if kind is int else ''} {kind.__name__}, got {value!r}") from None
     if not np.isfinite(value):
         raise InvalidInputError(f"parameter {name} must be finite, got {value!r}")
     if low is not None and (value <= low if low_open else value < low):
@@ -137,6 +140,13 @@ def check_range(name: str, value, low=None, high=None, low_open=False, kind=floa
     if high is not None and value > high:
         raise InvalidInputError(f"parameter {name} must be <= {high}, got {value}")
     return value
+
+
+def check_bool(name: str, value) -> bool:
+    """Validate a boolean parameter (True/False only, not truthy strings)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise InvalidInputError(f"parameter {name} must be true or false, got {value!r}")
+    return bool(value)
 
 
 def check_choice(name: str, value, choices):

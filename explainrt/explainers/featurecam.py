@@ -100,6 +100,7 @@ class FeatureCamExplainer(Method):
     """Feature CAM over a forward-only base map; returns the blended map and an RGB visualisation."""
 
     name = "featurecam"
+    normalised = True  # both combinations already lie in [0, 1]; keep the formula's values
 
     def __init__(self, *, base: str = "scorecam", edges: str = "sobel", feature_input: str = "blend21",
                  combination: str = "add", k: float = 0.25, base_params: Optional[dict] = None):

@@ -1,7 +1,7 @@
 """Score-CAM (seed 003; reference: the official Score-CAM code and pytorch-grad-cam's ScoreCAM)."""
 from __future__ import annotations
 
-from .base import Context, MaskPlan, Method, ScoreTable, check_choice
+from .base import Context, MaskPlan, Method, ScoreTable, check_bool, check_choice
 from .driver import run_inputs
 
 
@@ -9,7 +9,7 @@ class ScoreCamExplainer(Method):
     """Weights each upsampled activation channel by the class score of the input it masks.
 
     ``score``: 'prob' (softmax, the paper) or 'logit'. ``channel_softmax``: softmax of the scores
-    over channels (pytorch-grad-cam). ``baseline``: subtract the score of the all-zero input
+    over channels (pytorch-grad-cam's weighting is ``score="logit", channel_softmax=True``). ``baseline``: subtract the score of the all-zero input
     (the paper's "increase of confidence"). Constant channels are skipped (exact).
     """
 
@@ -17,14 +17,17 @@ class ScoreCamExplainer(Method):
 
     def __init__(self, *, score: str = "prob", channel_softmax: bool = False, baseline: bool = False):
         self.score = check_choice("score", score, ("prob", "logit"))
-        self.channel_softmax = bool(channel_softmax)
-        self.baseline = bool(baseline)
+        self.channel_softmax = check_bool("channel_softmax", channel_softmax)
+        self.baseline = check_bool("baseline", baseline)
 
     def plan(self, ctx: Context) -> MaskPlan:
         xp = ctx.xp
         acts = ctx.base.activations.astype(xp.float32)
         lo, hi = ctx.ops.upsampled_minmax(acts, ctx.input_hw, "clamp")
-        keep = xp.flatnonzero(hi > lo)
+        # Constant iff constant at activation resolution: exact, whereas float32 bilinear
+        # weights at non-dyadic scales turn a constant c into c ± 1 ulp after upsampling.
+        flat = acts.reshape(acts.shape[0], -1)
+        keep = xp.flatnonzero((flat.max(axis=1) > flat.min(axis=1)) & (hi > lo))
         ctx.extras["channels_skipped"] = int(acts.shape[0] - keep.size)
         ctx.extras["kept"] = keep
         span = (hi - lo)[keep]
