@@ -3,9 +3,12 @@
 Every method's masked passes go through ``run_masked_passes``. It is written against the
 array namespace (``ctx.xp``/``ctx.ops``) so the GPU engines reuse it unchanged; the engine
 input buffer is allocated once and each chunk's masked images are written straight into it.
+On a GPU nothing in the loop waits on the device: index arrays are uploaded once, scores stay
+on the device, and two input buffers let the masking of chunk k+1 overlap the engine on k.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from typing import Callable, Optional
@@ -66,33 +69,63 @@ def run_masked_passes(ctx: Context, plan: MaskPlan, progress: Optional[ProgressF
     total = len(rows_to_run)
     bs = max(1, min(ctx.batch_size, engine.max_batch))
     c, (H, W) = ctx.x.shape[1], ctx.input_hw
-    buffer = xp.empty((min(bs, max(total, 1)), c, H, W), dtype=xp.float32)
+    staging = _input_staging(xp, (min(bs, max(total, 1)), c, H, W), engine.input_dtype)
     run_rows = np.asarray(rows_to_run, dtype=np.int64)
+    # Index arrays go to the engine's device once, not once per chunk.
+    rows_x, idx_x = xp.asarray(run_rows), xp.asarray(todo[run_rows])
     done = 0
     if progress:
         progress(0, total)
-    for start in range(0, total, bs):
+    for k, start in enumerate(range(0, total, bs)):
         if cancel is not None and cancel.is_set():
             raise Cancelled(f"cancelled after {done} of {total} masked passes")
-        rows = run_rows[start:start + bs]
-        idx = todo[rows]
-        b = idx.size
-        ops.masked_batch(
-            ctx.x, plan.masks[idx], out=buffer[:b], border=plan.border,
-            shift=None if plan.shift is None else plan.shift[idx],
-            scale=None if plan.scale is None else plan.scale[idx],
-            full_hw=plan.full_hw, offsets=None if plan.offsets is None else plan.offsets[idx],
-        )
-        out = engine.infer(buffer[:b], names)
+        rows = rows_x[start:start + bs]
+        idx = idx_x[start:start + bs]
+        b = int(idx.shape[0])
+        with staging.fill(k) as buffer:
+            ops.masked_batch(
+                ctx.x, plan.masks[idx], out=buffer[:b], border=plan.border,
+                shift=None if plan.shift is None else plan.shift[idx],
+                scale=None if plan.scale is None else plan.scale[idx],
+                full_hw=plan.full_hw, offsets=None if plan.offsets is None else plan.offsets[idx],
+            )
+        out = engine.infer(staging.ready(k)[:b], names)
         probs[rows] = out[meta.probs_output]
         if want_logits:
             logits[rows] = out[meta.logits_output]
+        staging.release(k)
         done += b
         if progress:
             progress(done, total)
     ctx.forward_passes += total
     log.debug("ran %d masked passes for %d masks (%d distinct)", total, n, first.size)
     return ScoreTable(probs, logits, inverse, counts, first)
+
+
+class _HostInput:
+    """The CPU engine input: one buffer, written then run, chunk after chunk."""
+
+    def __init__(self, shape, dtype):
+        self.buffer = np.empty(shape, dtype=dtype)
+
+    @contextlib.contextmanager
+    def fill(self, k: int):
+        yield self.buffer
+
+    def ready(self, k: int):
+        return self.buffer
+
+    def release(self, k: int) -> None:
+        pass
+
+
+def _input_staging(xp, shape, dtype):
+    """Engine input buffers: one on the host; two on a GPU, masking overlapping the engine."""
+    if xp is np:
+        return _HostInput(shape, dtype)
+    from ..kernels.cuda import DoubleBufferedInput
+
+    return DoubleBufferedInput(shape, dtype)
 
 
 def run_inputs(ctx: Context, inputs) -> dict:

@@ -43,6 +43,8 @@ class Engine(abc.ABC):
     backend: str = "?"
     #: "cpu" or "cuda"
     device: str = "cpu"
+    #: dtype of the batches the driver writes for ``infer`` ("float16" for half-precision engines)
+    input_dtype: str = "float32"
 
     def __init__(self, metadata: ModelMetadata, max_batch: int):
         if max_batch < 1:
