@@ -23,6 +23,7 @@ from ..errors import ModelError
 log = logging.getLogger(__name__)
 
 OpFn = Callable[..., list]
+_HOST_COPY_MAX = 16  # constants up to this many elements keep a CPU copy for scalar reads
 _OPS: dict[str, OpFn] = {}
 
 
@@ -52,6 +53,7 @@ class Node:
         self.outputs = list(proto.output)
         self.opset = opset
         self.interp = interp
+        self.host_inputs: dict = {}  # input index → small constant kept on the CPU (see TorchGraph)
         self.attrs = {}
         for a in proto.attribute:
             value = onnx.helper.get_attribute_value(a)
@@ -61,6 +63,11 @@ class Node:
 
     def attr(self, name: str, default=None):
         return self.attrs.get(name, default)
+
+    def scalar(self, index: int, tensor) -> Optional[float]:
+        """A scalar operand (e.g. Clip's bounds) as a float, read from the CPU copy when it is constant."""
+        t = self.host_inputs.get(index, tensor)
+        return None if t is None or t.numel() == 0 else float(t.reshape(-1)[0])
 
 
 class TorchGraph:
@@ -90,6 +97,11 @@ class TorchGraph:
             node = Node(proto, self.opset, self)
             if not folding.fold(node):
                 self.nodes.append(node)
+        # Scalar operands read on the host (Clip bounds, Pad values) keep a CPU copy, so reading
+        # them never synchronises with the GPU (nor breaks CUDA graph capture).
+        for node in self.nodes:
+            node.host_inputs = {i: consts[name] for i, name in enumerate(node.inputs)
+                                if name in consts and consts[name].numel() <= _HOST_COPY_MAX}
         self.consts = {name: self._place(value) for name, value in consts.items()}
         self._plans: dict[tuple, list] = {}
         log.debug("ONNX graph: %d nodes to run, %d folded", len(self.nodes), len(graph.node) - len(self.nodes))
@@ -374,8 +386,7 @@ def _clip(node, x, lo=None, hi=None):
     if node.opset < 11:
         lo_v, hi_v = node.attr("min"), node.attr("max")
     else:
-        lo_v = None if lo is None else float(lo.reshape(-1)[0])
-        hi_v = None if hi is None else float(hi.reshape(-1)[0])
+        lo_v, hi_v = node.scalar(1, lo), node.scalar(2, hi)
     return [node.interp.torch.clamp(x, lo_v, hi_v)]
 
 
@@ -625,8 +636,9 @@ def _constant_of_shape(node, shape):
     value = node.attr("value")
     fill = _from_numpy(torch, onnx.numpy_helper.to_array(value)).reshape(-1) if value is not None else \
         torch.zeros(1, dtype=torch.float32)
-    out = torch.full(_ints(shape), fill[0].item(), dtype=fill.dtype)
-    return [out.to(device=node.interp.device, dtype=node.interp.dtype) if out.is_floating_point() else out]
+    if fill.is_floating_point():  # made on the device directly: no host-to-device copy
+        return [torch.full(_ints(shape), fill[0].item(), dtype=node.interp.dtype, device=node.interp.device)]
+    return [torch.full(_ints(shape), fill[0].item(), dtype=fill.dtype)]
 
 
 @op("Expand")
@@ -679,7 +691,7 @@ def _pad(node, x, pads=None, value=None, axes=None):
         pad_list, fill = list(node.attr("pads")), float(node.attr("value", 0.0))
     else:
         pad_list = _ints(pads)
-        fill = 0.0 if value is None or value.numel() == 0 else float(value.reshape(-1)[0])
+        fill = node.scalar(2, value) or 0.0
     rank = x.dim()
     axes_l = [_axis(a, rank) for a in _ints(axes)] if axes is not None else list(range(rank))
     n = len(axes_l)

@@ -46,8 +46,15 @@ def _trt():
     return require("tensorrt", "trt", "the TensorRT engine")
 
 
+_logger_instance = None
+
+
 def _logger(trt):
-    return trt.Logger(trt.Logger.WARNING)
+    """One TensorRT logger for the process (builders and runtimes share it)."""
+    global _logger_instance
+    if _logger_instance is None:
+        _logger_instance = trt.Logger(trt.Logger.WARNING)
+    return _logger_instance
 
 
 def has_fp16_flag(trt) -> bool:
@@ -145,7 +152,10 @@ def build_plan(onnx_path: str, plan_path: Optional[str] = None, max_batch: int =
         fh.write(memoryview(config.get_timing_cache().serialize()))
 
     # The activation output must survive the build as an engine I/O tensor.
-    engine = trt.Runtime(logger).deserialize_cuda_engine(_read_bytes(plan_path))
+    runtime = trt.Runtime(logger)  # must outlive the engine it deserialises
+    engine = runtime.deserialize_cuda_engine(_read_bytes(plan_path))
+    if engine is None:
+        raise ModelError(f"TensorRT could not load the plan it just built ({plan_path})")
     names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
     if meta.activation_output not in names:
         os.remove(plan_path)

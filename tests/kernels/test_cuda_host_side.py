@@ -1,240 +1,36 @@
-"""The host side of the GPU path, run on the CPU against a stand-in for CuPy.
+"""The host side of the GPU path, run on the CPU against a stand-in for CuPy (fake_cupy.py).
 
 ``kernels/cuda.py`` and the driver's device branch (index uploads, double buffering) run
 unchanged, with ``cupy`` replaced by NumPy plus a ``RawModule`` whose kernels are Python
 models of the CUDA ones. Each model is bound to the parameter list parsed from the very .cu
 source cuda.py compiles, and checks every argument's C type, so a wrong argument order, a
-wrong scalar type or a wrong buffer dtype fails here although no GPU is present. The kernels'
-arithmetic itself is checked on a GPU (tests/gpu) and their syntax by nvcc
+wrong scalar type or a wrong buffer dtype fails here although no GPU is present. The second
+half compiles the .cu sources themselves for the host and runs them thread by thread. The
+kernels' arithmetic on a real GPU is checked in tests/gpu, their device syntax by nvcc
 (test_cuda_sources.py).
 """
-import importlib
-import re
+import os
 import sys
-import types
 
 import numpy as np
 import pytest
 
 from explainrt.kernels import reference
 
-# ------------------------------------------------------------------ CUDA parameter lists
-
-_C_SCALARS = {"int": np.int32, "float": np.float32, "double": np.float64, "long long": np.int64}
-_C_POINTERS = {"float": np.float32, "int": np.int32, "unsigned short": np.float16}  # f16 stored as its bits
-
-
-def parse_kernels(code: str) -> dict:
-    """{kernel name: [(C base type, is pointer, parameter name), ...]} of extern "C" kernels."""
-    kernels = {}
-    for name, params in re.findall(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)\)', code):
-        parsed = []
-        for param in params.split(","):
-            words = param.replace("__restrict__", " ").replace("const", " ").replace("*", " * ").split()
-            pointer = "*" in words
-            words = [w for w in words if w != "*"]
-            parsed.append((" ".join(words[:-1]), pointer, words[-1]))
-        kernels[name] = parsed
-    return kernels
-
-
-def bind(name, params, args) -> dict:
-    assert len(args) == len(params), f"{name}: {len(args)} arguments for {len(params)} parameters"
-    bound = {}
-    for (ctype, pointer, pname), value in zip(params, args):
-        if pointer:
-            assert isinstance(value, np.ndarray), f"{name}({pname}): expected a device array, got {type(value)}"
-            assert value.dtype == _C_POINTERS[ctype], f"{name}({pname}): {ctype}* given {value.dtype}"
-            assert value.flags.c_contiguous, f"{name}({pname}): not contiguous"
-        else:
-            assert type(value) is _C_SCALARS[ctype], f"{name}({pname}): {ctype} given {type(value).__name__}"
-        bound[pname] = value
-    return bound
-
-
-# ------------------------------------------------------------------ Python models of the kernels
-
-
-def _sample(masks, a, rows, cols):
-    """resample.cu's sample_bilinear for masks (N,h,w) at table rows (N,H), columns (N,W)."""
-    iy, wy = a["ty_idx"].reshape(-1, 2), a["ty_wt"].reshape(-1, 2)
-    ix, wx = a["tx_idx"].reshape(-1, 2), a["tx_wt"].reshape(-1, 2)
-    b = np.arange(masks.shape[0])[:, None, None]
-    y0, y1, wy0, wy1 = (t[rows, k][:, :, None] for t, k in ((iy, 0), (iy, 1), (wy, 0), (wy, 1)))
-    x0, x1, wx0, wx1 = (t[cols, k][:, None, :] for t, k in ((ix, 0), (ix, 1), (wx, 0), (wx, 1)))
-    c0 = wy0 * masks[b, y0, x0] + wy1 * masks[b, y1, x0]
-    c1 = wy0 * masks[b, y0, x1] + wy1 * masks[b, y1, x1]
-    return (wx0 * c0 + wx1 * c1).astype(np.float32)
-
-
-def _positions(a, n, offsets_on):
-    H, W, fh, fw = int(a["H"]), int(a["W"]), int(a["full_h"]), int(a["full_w"])
-    dy = dx = np.zeros((n, 1), np.int64)
-    if offsets_on:
-        offs = a["offsets"].reshape(n, 2).astype(np.int64)
-        dy, dx = np.clip(offs[:, :1], 0, fh - H), np.clip(offs[:, 1:], 0, fw - W)
-    return dy + np.arange(H)[None], dx + np.arange(W)[None]
-
-
-def model_masked_batch(a):
-    n, c, h, w, H, W = (int(a[k]) for k in ("n", "channels", "h", "w", "H", "W"))
-    opt = int(a["options"])
-    rows, cols = _positions(a, n, opt & 4)
-    m = _sample(a["masks"].reshape(n, h, w), a, rows, cols)
-    if opt & 1:
-        m = m + a["shift"][:n, None, None]
-    if opt & 2:
-        m = m * a["scale"][:n, None, None]
-    a["out"].reshape(n, c, H, W)[...] = a["image"].reshape(c, H, W)[None] * m[:, None]
-
-
-def model_upsample(a):
-    n, h, w, H, W = (int(a[k]) for k in ("n", "h", "w", "H", "W"))
-    rows, cols = _positions(a, n, int(a["options"]) & 4)
-    a["out"].reshape(n, H, W)[...] = _sample(a["masks"].reshape(n, h, w), a, rows, cols)
-
-
-def model_minmax(a, block):
-    assert block % 32 == 0 and block <= 1024
-    n, h, w, H, W = (int(a[k]) for k in ("n", "h", "w", "H", "W"))
-    rows, cols = np.broadcast_to(np.arange(H), (n, H)), np.broadcast_to(np.arange(W), (n, W))
-    up = _sample(a["masks"].reshape(n, h, w), a, rows, cols)
-    a["lo"][:n] = up.min(axis=(1, 2))
-    a["hi"][:n] = up.max(axis=(1, 2))
-
-
-def model_crop_sum(a):
-    n, t, t0, tn, h, w, H, W = (int(a[k]) for k in ("n", "targets", "t0", "tn", "h", "w", "H", "W"))
-    assert 1 <= tn <= 8
-    rows, cols = _positions(a, n, True)
-    up = _sample(a["grids"].reshape(n, h, w), a, rows, cols).astype(np.float64)
-    weights = a["weights"].reshape(n, t)[:, t0:t0 + tn].astype(np.float64)
-    a["out"].reshape(t, H, W)[t0:t0 + tn] = np.einsum("nk,nyx->kyx", weights, up).astype(np.float32)
-
-
-def model_threshold(a):
-    n = int(a["n"])
-    a["out"].reshape(-1)[:n] = (a["a"].reshape(-1)[:n] > a["tau"]).astype(np.float32)
-
-
-def model_ksigma(a, block):
-    assert block % 32 == 0 and block <= 1024
-    c, hw = int(a["channels"]), int(a["hw"])
-    flat = a["a"].reshape(c, hw).astype(np.float64)
-    mean = flat.mean(axis=1)
-    sigma = np.sqrt(((flat - mean[:, None]) ** 2).mean(axis=1))
-    a["binary"].reshape(c, hw)[...] = flat >= (mean + float(a["k_sigma"]) * sigma)[:, None]
-    a["mu"][:c] = mean
-
-
-MODELS = {
-    "masked_batch_f32": lambda a, block: model_masked_batch(a),
-    "masked_batch_f16": lambda a, block: model_masked_batch(a),
-    "upsample_bilinear_f32": lambda a, block: model_upsample(a),
-    "upsampled_minmax_f32": model_minmax,
-    "weighted_crop_sum_f32": lambda a, block: model_crop_sum(a),
-    "threshold_masks_f32": lambda a, block: model_threshold(a),
-    "ksigma_binarize_f32": model_ksigma,
-}
-
-
-# ------------------------------------------------------------------ a NumPy stand-in for CuPy
-
-
-class FakeStream:
-    def __init__(self, null=False, non_blocking=False, log=None):
-        self.ptr = 0 if null else id(self)
-        self.non_blocking = non_blocking
-        self.log = log
-
-    def __enter__(self):
-        self.log.current.append(self)
-        return self
-
-    def __exit__(self, *exc):
-        self.log.current.pop()
-
-    def record(self, event=None):
-        event = event or FakeEvent()
-        event.record(self)
-        return event
-
-    def wait_event(self, event):
-        assert event.stream is not None, "waiting on an event that was never recorded"
-        self.log.events.append(("wait", self, event.stream))
-
-    def synchronize(self):
-        self.log.events.append(("sync", self, None))
-
-
-class FakeEvent:
-    def __init__(self, block=False, disable_timing=False, interprocess=False):
-        self.stream = None
-
-    def record(self, stream=None):
-        self.stream = stream
-
-
-def make_fake_cupy():
-    log = types.SimpleNamespace(launches=[], events=[], current=[])
-    log.current.append(FakeStream(null=True, log=log))
-
-    class RawModule:
-        def __init__(self, code=None, options=(), **kwargs):
-            assert "-std=c++17" in options
-            self.kernels = parse_kernels(code)
-
-        def get_function(self, name):
-            params = self.kernels[name]
-
-            def launch(grid, block, args, shared_mem=0):
-                assert len(grid) >= 1 and grid[0] >= 1 and block[0] >= 1
-                log.launches.append((name, log.current[-1]))
-                MODELS[name](bind(name, params, args), block[0])
-            return launch
-
-    fake = types.ModuleType("cupy")
-    fake.__getattr__ = lambda attr: getattr(np, attr)  # everything else: NumPy
-    fake.asnumpy = np.asarray
-    fake.RawModule = RawModule
-    fake.cuda = types.SimpleNamespace(
-        Device=lambda *a: types.SimpleNamespace(id=0),
-        get_current_stream=lambda: log.current[-1],
-        Stream=lambda null=False, non_blocking=False: FakeStream(null, non_blocking, log),
-        Event=FakeEvent,
-    )
-    fake.log = log
-    return fake
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fake_cupy import MODELS, bind, installed_fake_cupy, parse_kernels  # noqa: E402
 
 
 @pytest.fixture
 def fake_cp():
-    """explainrt.kernels.cuda imported against the stand-in; removed again afterwards."""
-    import explainrt.kernels as kernels_pkg
-
-    fake = make_fake_cupy()
-    saved = {name: sys.modules.get(name) for name in ("cupy", "explainrt.kernels.cuda")}
-    sys.modules["cupy"] = fake
-    sys.modules.pop("explainrt.kernels.cuda", None)
-    try:
-        fake.ops = importlib.import_module("explainrt.kernels.cuda")
+    with installed_fake_cupy() as fake:
         yield fake
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
-        if hasattr(kernels_pkg, "cuda"):
-            delattr(kernels_pkg, "cuda")
 
 
 # ------------------------------------------------------------------ tests
 
 
 def test_models_cover_every_kernel():
-    import os
-
     import explainrt.kernels as kernels_pkg
 
     folder = os.path.dirname(kernels_pkg.__file__)
@@ -449,7 +245,6 @@ extern "C" void emu_launch(unsigned grid, unsigned block, void (*run_thread)(voi
 @pytest.fixture(scope="module")
 def host_kernels(tmp_path_factory):
     import ctypes
-    import os
     import shutil
     import subprocess
 

@@ -212,3 +212,22 @@ def test_model_without_metadata_is_rejected(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     with pytest.raises(ModelError, match="explainrt metadata"):
         TorchEngine(path, device="cpu")
+
+
+@pytest.mark.parametrize("name", ["residual", "mobile", "lite0"])
+def test_graph_never_reads_device_values(request, tiny_models, name):
+    """On torch's 'meta' device any read of a tensor's values raises: running the graph there
+    shows no op reads device memory on the host (each read would synchronise the GPU and
+    break CUDA graph capture). Only shapes flow."""
+    import onnx
+
+    from explainrt.runtime.onnx_torch import TorchGraph
+
+    path = request.getfixturevalue("lite0_path") if name == "lite0" else tiny_models[name]
+    model = onnx.load(path)
+    graph = TorchGraph(model, device="meta")
+    engine = TorchEngine(path, device="cpu")
+    h, w = engine.metadata.input_size
+    out = graph.run({"input": torch.empty(3, 3, h, w, device="meta")}, ["probs", "activations"])
+    assert out["probs"].device.type == "meta" and out["probs"].shape == (3, engine.metadata.num_classes)
+    assert tuple(out["activations"].shape) == (3, *engine.metadata.activation_shape)
