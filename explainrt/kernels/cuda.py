@@ -69,11 +69,12 @@ def _kernel(name: str):
     return fn
 
 
-def _launch(name: str, total: int, args: tuple, block: int = _BLOCK, grid: Optional[int] = None) -> None:
+def _launch(name: str, total: int, args: tuple, block: int = _BLOCK, grid: Optional[tuple] = None) -> None:
+    """Launch ``name`` on the current stream; by default one thread per item of ``total`` (grid-stride)."""
     if total <= 0:
         return
-    blocks = grid if grid is not None else min(_MAX_GRID, -(-total // block))
-    _kernel(name)((max(1, blocks),), (block,), args)
+    grid = grid if grid is not None else (min(_MAX_GRID, -(-total // block)),)
+    _kernel(name)(tuple(max(1, g) for g in grid), (block,), args)
 
 
 def _upload_once(cache: dict, key, make):
@@ -192,7 +193,7 @@ def upsampled_minmax(masks, out_hw, border: str = "clamp", chunk: int = 64):
     _launch("upsampled_minmax_f32", n,
             (masks, ty_idx, ty_wt, tx_idx, tx_wt, lo, hi,
              np.int32(n), np.int32(h), np.int32(w), np.int32(H), np.int32(W)),
-            grid=min(n, _MAX_GRID))
+            grid=(min(n, _MAX_GRID),))
     return lo, hi
 
 
@@ -211,8 +212,9 @@ def weighted_mask_sum(weights, masks, out_hw, border: str = "clamp"):
 def weighted_crop_sum(weights, masks, offsets, out_hw, full_hw, border: str = "reflect", chunk: int = 64):
     """S[t] = Σ_i weights[i, t] · crop_i(up(masks[i])): RISE's weighting, masks regenerated in the kernel.
 
-    ``chunk`` exists for signature parity with the reference: the kernel visits every mask
-    per pixel and never holds a full-resolution mask.
+    ``chunk`` exists for signature parity with the reference: the kernel never holds a
+    full-resolution mask. The masks are split over ``_crop_sum_splits`` block rows whose
+    float64 partial sums are added atomically.
     """
     weights = _f32(weights)
     masks = _f32(masks)
@@ -221,15 +223,23 @@ def weighted_crop_sum(weights, masks, offsets, out_hw, full_hw, border: str = "r
     if weights.shape[0] != n:
         raise InvalidInputError(f"weights have {weights.shape[0]} rows for {n} masks")
     offs = _per_mask(offsets, n, cp.int32, "offsets")
-    out = cp.zeros((targets, H, W), dtype=cp.float32)
+    acc = cp.zeros((targets, H, W), dtype=cp.float64)
     (ty_idx, ty_wt), (tx_idx, tx_wt) = _taps(h, border, fh), _taps(w, border, fw)
+    pixel_blocks = min(_MAX_GRID, -(-(H * W) // _BLOCK))
+    splits = _crop_sum_splits(n, pixel_blocks)
     for t0 in range(0, targets, _MAX_TARGETS_PER_PASS):
         tn = min(_MAX_TARGETS_PER_PASS, targets - t0)
         _launch("weighted_crop_sum_f32", H * W,
-                (masks, offs, weights, ty_idx, ty_wt, tx_idx, tx_wt, out,
+                (masks, offs, weights, ty_idx, ty_wt, tx_idx, tx_wt, acc,
                  np.int32(n), np.int32(targets), np.int32(t0), np.int32(tn), np.int32(h), np.int32(w),
-                 np.int32(H), np.int32(W), np.int32(fh), np.int32(fw)))
-    return out
+                 np.int32(H), np.int32(W), np.int32(fh), np.int32(fw)),
+                grid=(pixel_blocks, splits))
+    return acc.astype(cp.float32)
+
+
+def _crop_sum_splits(n: int, pixel_blocks: int, target_blocks: int = 4096, min_masks: int = 64) -> int:
+    """Block rows for the RISE sum: enough blocks to fill a large GPU, >= ``min_masks`` masks each."""
+    return max(1, min(-(-target_blocks // max(pixel_blocks, 1)), n // min_masks, 65535))
 
 
 def threshold_masks(activations, threshold: float):
@@ -248,7 +258,7 @@ def ksigma_binarize(activations, k: float):
     binary = cp.empty(a.shape, dtype=cp.float32)
     mu = cp.empty(c, dtype=cp.float32)
     _launch("ksigma_binarize_f32", c, (a, binary, mu, np.int32(c), np.int32(hw), np.float64(k)),
-            grid=min(c, _MAX_GRID))
+            grid=(min(c, _MAX_GRID),))
     return binary, mu
 
 

@@ -169,24 +169,28 @@ extern "C" __global__ void upsampled_minmax_f32(
 
 #define MAX_TARGETS_PER_PASS 8
 
-// RISE weighting: out[t, y, x] = Σ_i weights[i, t] · crop_i(up(grids[i]))(y, x) for targets
+// RISE weighting: acc[t, y, x] += Σ_i weights[i, t] · crop_i(up(grids[i]))(y, x) for targets
 // t0 .. t0+tn-1 (tn <= MAX_TARGETS_PER_PASS). Each mask is regenerated from its s×s grid
-// and offset inside the loop, so no full-resolution mask ever exists in memory; the sum is
-// accumulated in double as the reference does.
+// and offset inside the loop, so no full-resolution mask ever exists in memory. Blocks along
+// y split the masks (each sums its share in double registers, then one atomicAdd per pixel
+// and target), so a 224×224 map still fills the GPU. `acc` (float64, zeroed) is the sum.
 extern "C" __global__ void weighted_crop_sum_f32(
     const float* __restrict__ grids, const int* __restrict__ offsets, const float* __restrict__ weights,
     const int* __restrict__ ty_idx, const float* __restrict__ ty_wt,
     const int* __restrict__ tx_idx, const float* __restrict__ tx_wt,
-    float* __restrict__ out, int n, int targets, int t0, int tn, int h, int w, int H, int W,
+    double* __restrict__ acc, int n, int targets, int t0, int tn, int h, int w, int H, int W,
     int full_h, int full_w) {
     const long long plane = (long long)H * W;
+    const int per_split = (n + gridDim.y - 1) / gridDim.y;
+    const int begin = blockIdx.y * per_split;
+    const int end = min(n, begin + per_split);
     for (long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x; p < plane;
          p += (long long)blockDim.x * gridDim.x) {
         const int y = (int)(p / W), x = (int)(p - (long long)y * W);
-        double acc[MAX_TARGETS_PER_PASS];
+        double sum[MAX_TARGETS_PER_PASS];
 #pragma unroll
-        for (int k = 0; k < MAX_TARGETS_PER_PASS; ++k) acc[k] = 0.0;
-        for (int i = 0; i < n; ++i) {
+        for (int k = 0; k < MAX_TARGETS_PER_PASS; ++k) sum[k] = 0.0;
+        for (int i = begin; i < end; ++i) {
             int row, col;
             source_position(offsets, OPT_OFFSETS, i, y, x, H, W, full_h, full_w, &row, &col);
             const double m = (double)sample_bilinear(grids + (long long)i * h * w, w, ty_idx, ty_wt, tx_idx, tx_wt,
@@ -194,12 +198,14 @@ extern "C" __global__ void weighted_crop_sum_f32(
             const float* wrow = weights + (long long)i * targets + t0;
 #pragma unroll
             for (int k = 0; k < MAX_TARGETS_PER_PASS; ++k) {
-                if (k < tn) acc[k] += (double)__ldg(wrow + k) * m;
+                if (k < tn) sum[k] += (double)__ldg(wrow + k) * m;
             }
         }
+        if (begin < end) {
 #pragma unroll
-        for (int k = 0; k < MAX_TARGETS_PER_PASS; ++k) {
-            if (k < tn) out[(long long)(t0 + k) * plane + p] = (float)acc[k];
+            for (int k = 0; k < MAX_TARGETS_PER_PASS; ++k) {
+                if (k < tn) atomicAdd(acc + (long long)(t0 + k) * plane + p, sum[k]);
+            }
         }
     }
 }

@@ -85,7 +85,8 @@ class TorchGraph:
         unknown = sorted({n.op_type for n in graph.node if n.op_type not in _OPS or (n.domain not in ("", "ai.onnx"))})
         if unknown:
             raise ModelError(
-                f"the torch engine cannot run ONNX op(s) {', '.join(unknown)} (it supports {', '.join(supported_ops())}); "
+                f"the torch engine cannot run ONNX op(s) {', '.join(unknown)} "
+                f"(it supports {', '.join(supported_ops())}); "
                 "use backend='onnxruntime' or 'tensorrt' for this model")
         initializers = {t.name for t in graph.initializer}
         self.input_names = [i.name for i in graph.input if i.name not in initializers]

@@ -60,7 +60,8 @@ def test_gpu_kernels_and_driver_match_cpu(cp, tiny_model_path, image, method, pa
     got = gpu.explain(image, method, target=[3, 1], **params)
     assert got.forward_passes == want.forward_passes
     assert isinstance(got.saliency_maps, np.ndarray)
-    np.testing.assert_allclose(got.raw_maps, want.raw_maps, rtol=1e-4, atol=1e-5 * max(1.0, np.abs(want.raw_maps).max()))
+    scale = max(1.0, float(np.abs(want.raw_maps).max()))
+    np.testing.assert_allclose(got.raw_maps, want.raw_maps, rtol=1e-4, atol=1e-5 * scale)
     np.testing.assert_allclose(got.saliency_maps, want.saliency_maps, atol=1e-4)
 
 

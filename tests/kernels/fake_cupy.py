@@ -31,7 +31,8 @@ def _device(fn):
 # ------------------------------------------------------------------ CUDA parameter lists
 
 _C_SCALARS = {"int": np.int32, "float": np.float32, "double": np.float64, "long long": np.int64}
-_C_POINTERS = {"float": np.float32, "int": np.int32, "unsigned short": np.float16}  # f16 stored as its bits
+_C_POINTERS = {"float": np.float32, "double": np.float64, "int": np.int32,
+               "unsigned short": np.float16}  # f16 stored as its bits
 
 
 def parse_kernels(code: str) -> dict:
@@ -119,7 +120,7 @@ def model_crop_sum(a):
     rows, cols = _positions(a, n, True)
     up = _sample(a["grids"].reshape(n, h, w), a, rows, cols).astype(np.float64)
     weights = a["weights"].reshape(n, t)[:, t0:t0 + tn].astype(np.float64)
-    a["out"].reshape(t, H, W)[t0:t0 + tn] = np.einsum("nk,nyx->kyx", weights, up).astype(np.float32)
+    a["acc"].reshape(t, H, W)[t0:t0 + tn] += np.einsum("nk,nyx->kyx", weights, up)  # all block rows at once
 
 
 def model_threshold(a):

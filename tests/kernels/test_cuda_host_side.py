@@ -200,6 +200,7 @@ _SHIM = r"""
 #include <cmath>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 using std::max; using std::min;
@@ -225,12 +226,14 @@ template <class T> inline T __shfl_down_sync(unsigned, T v, int offset) {
     return out;
 }
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, sizeof f); return f; }
+static std::mutex atomic_mutex;
+inline double atomicAdd(double* p, double v) { std::lock_guard<std::mutex> g(atomic_mutex); double o = *p; *p = o + v; return o; }
 #include "resample.cu"
 #include "binarize.cu"
-extern "C" void emu_launch(unsigned grid, unsigned block, void (*run_thread)(void)) {
-    gridDim.x = grid; blockDim.x = block;
-    for (unsigned b = 0; b < grid; ++b) {
-        blockIdx.x = b;
+extern "C" void emu_launch(unsigned grid_x, unsigned grid_y, unsigned block, void (*run_thread)(void)) {
+    gridDim.x = grid_x; gridDim.y = grid_y; blockDim.x = block;
+    for (unsigned b = 0; b < grid_x * grid_y; ++b) {
+        blockIdx.x = b % grid_x; blockIdx.y = b / grid_x;
         block_barrier = std::make_unique<std::barrier<>>(block);
         warp_barriers.clear();
         for (unsigned w = 0; w < block / 32; ++w) warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
@@ -270,14 +273,14 @@ def host_kernels(tmp_path_factory):
     c_scalar = {"int": ctypes.c_int, "float": ctypes.c_float, "double": ctypes.c_double, "long long": ctypes.c_longlong}
     thread_fn = ctypes.CFUNCTYPE(None)
 
-    def launch(name, grid, block, args):
+    def launch(name, grid, block, args):  # grid: (x, y)
         bound = bind(name, params[name], args)  # the same type checks as the CuPy stand-in
         c_args = [v.ctypes.data_as(ctypes.c_void_p) if p else c_scalar[t](v.item())
                   for (t, p, _), v in zip(params[name], bound.values())]
         kernel = getattr(so, name)
         kernel.restype = None
         body = thread_fn(lambda: kernel(*c_args))
-        so.emu_launch(ctypes.c_uint(grid), ctypes.c_uint(block), body)
+        so.emu_launch(ctypes.c_uint(grid[0]), ctypes.c_uint(grid[1]), ctypes.c_uint(block), body)
 
     return launch
 
@@ -291,7 +294,8 @@ def host_cp(fake_cp, host_kernels):
 
         def get_function(self, name):
             assert name != "masked_batch_f16", "the FP16 store is PTX assembly: not run on the host"
-            return lambda grid, block, args, shared_mem=0: host_kernels(name, min(grid[0], 3), 64, args)
+            return lambda grid, block, args, shared_mem=0: host_kernels(
+                name, (min(grid[0], 3), min(grid[1] if len(grid) > 1 else 1, 3)), 64, args)
 
     fake_cp.RawModule = RawModule
     fake_cp.ops._functions.clear()
@@ -316,7 +320,8 @@ def test_compiled_masked_batch_and_upsample(host_cp, border):
 def test_compiled_rise_kernels(host_cp):
     ops = host_cp.ops
     rng = np.random.default_rng(6)
-    grids, offsets, full_hw = reference.rise_grids(9, 4, 0.5, (19, 23), seed=8)
+    grids, offsets, full_hw = reference.rise_grids(200, 4, 0.5, (19, 23), seed=8)  # 200: masks split 3 ways
+    assert host_cp.ops._crop_sum_splits(200, 2) == 3
     x = rng.standard_normal((3, 19, 23)).astype(np.float32)
     np.testing.assert_allclose(
         ops.masked_batch(x, grids, border="reflect", full_hw=full_hw, offsets=offsets),
@@ -324,7 +329,7 @@ def test_compiled_rise_kernels(host_cp):
     np.testing.assert_allclose(ops.upsample_bilinear(grids, (19, 23), "reflect", full_hw, offsets),
                                reference.upsample_bilinear(grids, (19, 23), "reflect", full_hw, offsets),
                                rtol=1e-5, atol=1e-6)
-    weights = rng.random((9, 10)).astype(np.float32)  # 10 targets: two kernel passes
+    weights = rng.random((200, 10)).astype(np.float32)  # 10 targets: two kernel passes
     np.testing.assert_allclose(ops.weighted_crop_sum(weights, grids, offsets, (19, 23), full_hw),
                                reference.weighted_crop_sum(weights, grids, offsets, (19, 23), full_hw),
                                rtol=1e-5, atol=1e-6)

@@ -59,7 +59,8 @@ def test_fp16_onnx_keeps_float32_io_and_the_outputs(tmp_path):
     half = ort.InferenceSession(dst, providers=["CPUExecutionProvider"])
     full = ort.InferenceSession(src, providers=["CPUExecutionProvider"])
     assert [i.type for i in half.get_inputs()] == ["tensor(float)"]
-    assert {o.name: o.type for o in half.get_outputs()} == {n: "tensor(float)" for n in ("logits", "probs", "activations")}
+    assert {o.name: o.type for o in half.get_outputs()} == \
+        {n: "tensor(float)" for n in ("logits", "probs", "activations")}
     x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
     for a, b in zip(half.run(None, {"input": x}), full.run(None, {"input": x})):
         assert np.abs(a - b).max() <= 1e-2 * max(1.0, np.abs(b).max())
