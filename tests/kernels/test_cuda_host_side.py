@@ -151,7 +151,7 @@ class DeviceProxyEngine:
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
+def host_side_model(tmp_path_factory):
     torch = pytest.importorskip("torch")
     from explainrt.export import export_torch
 
@@ -167,12 +167,12 @@ def tiny_model(tmp_path_factory):
 @pytest.mark.parametrize("method,params", [("sidu", {"threshold": 0.05}), ("scorecam", {}),
                                            ("scorecam", {"baseline": True, "channel_softmax": True}),
                                            ("rise", {"n_masks": 60}), ("fem", {}), ("featurecam", {})])
-def test_gpu_pipeline_host_side_matches_cpu(fake_cp, tiny_model, method, params):
+def test_gpu_pipeline_host_side_matches_cpu(fake_cp, host_side_model, method, params):
     from explainrt import Explainer
     from explainrt.kernels import get_ops
     from explainrt.runtime.ort_engine import OnnxRuntimeEngine
 
-    engine = OnnxRuntimeEngine(tiny_model, max_batch=8)
+    engine = OnnxRuntimeEngine(host_side_model, max_batch=8)
     image = np.random.default_rng(4).integers(0, 256, (24, 20, 3), dtype=np.uint8)
     gpu = Explainer(DeviceProxyEngine(engine, fake_cp), batch_size=5)
     assert gpu.ops is fake_cp.ops and get_ops(fake_cp) is fake_cp.ops

@@ -212,7 +212,7 @@ def fake_trt(request, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
+def trt_model(tmp_path_factory):
     from explainrt.export import export_torch
 
     torch.manual_seed(0)
@@ -225,13 +225,13 @@ def tiny_model(tmp_path_factory):
 
 
 @pytest.mark.parametrize("fp16", [False, True])
-def test_build_plan(fake_trt, tiny_model, tmp_path, fp16):
+def test_build_plan(fake_trt, trt_model, tmp_path, fp16):
     from explainrt.runtime.tensorrt_engine import build_plan, plan_info_path
 
     plan = str(tmp_path / "tiny.plan")
     cache = tmp_path / "cache.bin"
     cache.write_bytes(b"old")
-    info = build_plan(tiny_model, plan, max_batch=16, fp16=fp16, opt_batch=8, workspace_gb=0.5,
+    info = build_plan(trt_model, plan, max_batch=16, fp16=fp16, opt_batch=8, workspace_gb=0.5,
                       timing_cache=str(cache))
     ((_, flags, profile, fp16_weights, cache_in),) = [c for c in fake_trt.calls if c[0] == "build"]
     assert profile == ("input", (1, 3, 20, 16), (8, 3, 20, 16), (16, 3, 20, 16))
@@ -246,18 +246,18 @@ def test_build_plan(fake_trt, tiny_model, tmp_path, fp16):
     assert saved["build"]["max_batch"] == 16 and saved["build"]["tensorrt"] == fake_trt.__version__
 
 
-def test_engine_rebinds_only_on_change(fake_trt, tiny_model, tmp_path):
+def test_engine_rebinds_only_on_change(fake_trt, trt_model, tmp_path):
     from explainrt.runtime.ort_engine import OnnxRuntimeEngine
     from explainrt.runtime.tensorrt_engine import TensorRTEngine, build_plan
 
     cp = fake_trt.cp
     plan = str(tmp_path / "tiny.plan")
-    build_plan(tiny_model, plan, max_batch=8)
+    build_plan(trt_model, plan, max_batch=8)
     engine = TensorRTEngine(plan, max_batch=8)
     assert engine.xp is cp and engine.device == "cuda"
     bound_outputs = [c for c in fake_trt.calls if c[0] == "set_tensor_address"]
     assert sorted(name for _, name in bound_outputs) == ["activations", "logits", "probs"]  # once, at load
-    reference = OnnxRuntimeEngine(tiny_model, max_batch=8)
+    reference = OnnxRuntimeEngine(trt_model, max_batch=8)
     buffer = cp.asarray(np.random.default_rng(0).standard_normal((8, 3, 20, 16)).astype(np.float32))
     fake_trt.calls.clear()
     outs = []
@@ -281,26 +281,26 @@ def test_engine_rebinds_only_on_change(fake_trt, tiny_model, tmp_path):
                [c for c in fake_trt.calls if c[0] == "execute"])
 
 
-def test_engine_checks_the_batch_limit(fake_trt, tiny_model, tmp_path):
+def test_engine_checks_the_batch_limit(fake_trt, trt_model, tmp_path):
     from explainrt.errors import InvalidInputError
     from explainrt.runtime.tensorrt_engine import TensorRTEngine, build_plan
 
     plan = str(tmp_path / "tiny.plan")
-    build_plan(tiny_model, plan, max_batch=4)
+    build_plan(trt_model, plan, max_batch=4)
     with pytest.raises(InvalidInputError, match="--max-batch 8"):
         TensorRTEngine(plan, max_batch=8)
     with pytest.raises(InvalidInputError, match="cuda"):
         TensorRTEngine(plan, max_batch=4, device="cpu")
 
 
-def test_load_engine_builds_from_onnx_once(fake_trt, tiny_model, tmp_path):
+def test_load_engine_builds_from_onnx_once(fake_trt, trt_model, tmp_path):
     import shutil
 
     from explainrt.runtime import load_engine
     from explainrt.runtime.tensorrt_engine import default_plan_path
 
     model = str(tmp_path / "m.onnx")
-    shutil.copy(tiny_model, model)
+    shutil.copy(trt_model, model)
     engine = load_engine(model, backend="tensorrt", device="cuda", max_batch=4)
     assert engine.path == default_plan_path(model, 4, False) and os.path.isfile(engine.path + ".json")
     builds = sum(1 for c in fake_trt.calls if c[0] == "build")
@@ -308,26 +308,26 @@ def test_load_engine_builds_from_onnx_once(fake_trt, tiny_model, tmp_path):
     assert sum(1 for c in fake_trt.calls if c[0] == "build") == builds == 1
 
 
-def test_cli_build(fake_trt, tiny_model, tmp_path, capsys):
+def test_cli_build(fake_trt, trt_model, tmp_path, capsys):
     from explainrt import cli
 
     plan = str(tmp_path / "out.plan")
-    assert cli.main(["build", tiny_model, "--max-batch", "6", "--opt-batch", "2", "-o", plan]) == 0
+    assert cli.main(["build", trt_model, "--max-batch", "6", "--opt-batch", "2", "-o", plan]) == 0
     out = capsys.readouterr().out
     assert plan in out and "batch 1..6" in out and os.path.isfile(plan + ".json")
 
 
-def test_explanations_through_the_engine(fake_trt, tiny_model, tmp_path):
+def test_explanations_through_the_engine(fake_trt, trt_model, tmp_path):
     """The whole GPU pipeline's host side: device-array driver, CUDA-op stand-ins, TensorRT engine."""
     from explainrt import Explainer
 
     plan = str(tmp_path / "tiny.plan")
     from explainrt.runtime.tensorrt_engine import build_plan
 
-    build_plan(tiny_model, plan, max_batch=8)
+    build_plan(trt_model, plan, max_batch=8)
     image = np.random.default_rng(1).integers(0, 256, (20, 16, 3), dtype=np.uint8)
     gpu = Explainer(plan, backend="tensorrt", device="cuda", batch_size=8)
-    cpu = Explainer(tiny_model, batch_size=8)
+    cpu = Explainer(trt_model, batch_size=8)
     for method, params in (("rise", {"n_masks": 30}), ("scorecam", {}), ("sidu", {"threshold": 0.05})):
         got, want = gpu.explain(image, method, **params), cpu.explain(image, method, **params)
         assert got.forward_passes == want.forward_passes

