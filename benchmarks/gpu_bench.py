@@ -255,6 +255,7 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rise-masks", type=int, default=METHODS["rise"]["n_masks"], help="RISE N (default 4000)")
     parser.add_argument("--fp16", action="store_true", help="half-precision engine")
     parser.add_argument("--no-grad-cam", action="store_true", help="skip pytorch-grad-cam's ScoreCAM")
     parser.add_argument("--no-memory", action="store_true", help="skip the RISE N=8000 memory measurement")
@@ -295,7 +296,7 @@ def main(argv=None) -> int:
         engine = load_engine(path, backend=backend, device="cuda", max_batch=args.batch_size, **engine_opts)
         explainer = Explainer(engine, batch_size=args.batch_size)
         for method in methods:
-            params = METHODS[method]
+            params = {"n_masks": args.rise_masks} if method == "rise" else METHODS[method]
             seconds, result = time_explain(explainer, image, method, params, args.repeats)
             bare = time_bare_passes(engine, result.forward_passes, args.batch_size, args.repeats)
             row = {"model": name, "method": method, "params": params, "latency_s": seconds,

@@ -1,9 +1,10 @@
 """CUDA twins of ``kernels/reference.py``: same names, same signatures, CuPy arrays in and out.
 
 The kernels live in ``resample.cu`` and ``binarize.cu`` beside this file and are compiled at
-run time by CuPy (``cupy.RawModule``, NVRTC), once per device. CuPy is imported on first use. Every launch goes on CuPy's
-current stream and nothing here synchronises with the host, so a chunk loop built from
-these calls never waits on the GPU.
+run time by CuPy (``cupy.RawModule``, NVRTC), once per device; CuPy itself is imported on
+first use. Every launch goes on CuPy's current stream and nothing here synchronises with the
+host (except one upload of each small constant table), so a chunk loop built from these
+calls never waits on the GPU. Needs compute capability 6.0+ (float64 atomics).
 
 Sampling positions come from ``taps.bilinear_taps`` (derived from the reference's
 interpolation matrices), so the GPU samples where the NumPy reference does.
