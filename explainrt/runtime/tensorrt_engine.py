@@ -196,6 +196,7 @@ class TensorRTEngine(Engine):
 
     ``path`` is a ``.plan`` (with its ``.json`` beside it) or an exported ``.onnx``, which is
     built once into ``default_plan_path(...)`` and reused while the plan is newer than it.
+    ``threads`` is accepted for interface parity with the CPU engines and has no effect.
     """
 
     backend = "tensorrt"
@@ -203,7 +204,8 @@ class TensorRTEngine(Engine):
 
     def __init__(self, path: str, max_batch: int = 64, device: str = "cuda", fp16: bool = False,
                  plan_path: Optional[str] = None, opt_batch: Optional[int] = None,
-                 workspace_gb: Optional[float] = None, timing_cache: Optional[str] = None):
+                 workspace_gb: Optional[float] = None, timing_cache: Optional[str] = None,
+                 threads: Optional[int] = None):
         if device != "cuda":
             raise InvalidInputError("the TensorRT engine runs on device='cuda' only")
         trt = _trt()

@@ -29,13 +29,15 @@ class TorchEngine(Engine):
     ``fp16`` computes in half precision (CUDA only; outputs are returned as float32);
     ``cuda_graphs`` captures one CUDA graph per (batch size, outputs) and replays it; ``tf32``
     allows TF32 convolutions on Ampere and later (faster, ~1e-3 relative error), off by
-    default so FP32 results match the exported model.
+    default so FP32 results match the exported model. ``threads`` sets torch's (process-wide)
+    intra-op CPU threads on ``device="cpu"``.
     """
 
     backend = "torch"
 
     def __init__(self, path: str, max_batch: int = 64, device: str = "cuda", fp16: bool = False,
-                 cuda_graphs: bool = False, tf32: bool = False, metadata: Optional[ModelMetadata] = None):
+                 cuda_graphs: bool = False, tf32: bool = False, threads: Optional[int] = None,
+                 metadata: Optional[ModelMetadata] = None):
         torch = require("torch", "export", "the torch engine")
         import onnx
 
@@ -45,6 +47,8 @@ class TorchEngine(Engine):
             raise InvalidInputError(f"device must be 'cpu' or 'cuda', got {device!r}")
         if device == "cpu" and (fp16 or cuda_graphs):
             raise InvalidInputError("fp16 and cuda_graphs need device='cuda'")
+        if device == "cpu" and threads:
+            torch.set_num_threads(int(threads))
         if device == "cuda":
             self._cp = require("cupy", "gpu", "the torch engine on CUDA (CuPy arrays in and out)")
             if not torch.cuda.is_available():
