@@ -9,6 +9,7 @@ import logging
 from typing import Callable, Optional
 
 from ..errors import require
+from .logs import log_event
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class ServerMetrics:
         server, thread = prom.start_http_server(port, addr=host, registry=self.registry)
         self._http = (server, thread)
         bound = server.server_address[1]
-        log.info("event=metrics_listening host=%s port=%d", host, bound)
+        log_event(log, "metrics_listening", host=host, port=bound)
         return bound
 
     def stop_http(self) -> None:

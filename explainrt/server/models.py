@@ -27,10 +27,22 @@ class LoadedModel:
     name: str
     path: str
     explainer: Explainer
+    #: Held around each explanation when the engine may not take concurrent calls (see ``engine_lock``).
+    lock: Optional[threading.Lock] = None
 
     @property
     def metadata(self):
         return self.explainer.metadata
+
+
+def engine_lock(explainer: Explainer) -> Optional[threading.Lock]:
+    """A lock for engines that may not run calls from several workers at once, else None.
+
+    ONNX Runtime sessions are thread-safe (CPU and CUDA providers), so workers share them freely.
+    A TensorRT execution context or a torch CUDA engine with its own stream and buffers is not
+    assumed to be: its explanations run one at a time (each is already a large batched loop).
+    """
+    return None if explainer.engine.backend == "onnxruntime" else threading.Lock()
 
 
 class ModelRepository:
@@ -69,7 +81,7 @@ class ModelRepository:
                 log_event(log, "model_skipped", logging.WARNING, model=name, path=path, reason=str(exc))
                 continue
             with self._lock:
-                self._models[name] = LoadedModel(name, path, explainer)
+                self._models[name] = LoadedModel(name, path, explainer, engine_lock(explainer))
             meta = explainer.metadata
             log_event(log, "model_loaded", model=name, path=path, backend=explainer.engine.backend,
                       device=explainer.engine.device, input=f"{meta.input_size[0]}x{meta.input_size[1]}",

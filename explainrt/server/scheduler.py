@@ -6,12 +6,17 @@ client goes away or the deadline passes, a queued job is then dropped without ru
 running one stops between two chunks of masked passes (``Explainer.explain(cancel=...)``).
 
 Jobs are independent: each worker runs one ``Explainer.explain`` at a time and the engine
-takes concurrent calls (ONNX Runtime sessions are thread-safe). Masked passes of one request
-are already batched by the driver (``batch_size`` per engine call, any request size); the
-base passes of concurrent requests are *not* merged into one engine batch: on CPU the
-engine's intra-op threads already use every core, and a merge would add a rendezvous point
-whose failure handling must fan out to every request in it. A GPU deployment that wants it
-can wrap the engine without touching the scheduler.
+takes concurrent calls (ONNX Runtime sessions are thread-safe; other engines are serialised
+per model, see ``models.engine_lock``). Masked passes of one request are already batched by
+the driver (``batch_size`` per engine call, any request size, never refused for it).
+
+The base passes (and so whole FEM requests) of concurrent requests are *not* merged into one
+engine batch. Measured on the 2-core CPU machine with EfficientNet-Lite0 at 224x224, ONNX
+Runtime takes 16.9 ms per image at batch 1 and 15.6-16.0 ms at batch 2-8: a merge would save
+under 8 % of a pass while adding a rendezvous point whose failures must fan out to every
+request in it. On a GPU, where batch 1 leaves the device idle, a coalescing engine wrapper
+(collect the base passes waiting at that moment, run them as one batch, hand each its row)
+is the place to add it; the scheduler would not change.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import time
 from typing import Any, Callable, Optional
 
 from ..errors import ExplainRTError
+from .logs import log_event
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +179,7 @@ class Scheduler:
             thread.join(None if end is None else max(0.0, end - time.monotonic()))
         alive = [t.name for t in self._threads if t.is_alive()]
         if alive:
-            log.warning("event=scheduler_shutdown_timeout workers_still_running=%d", len(alive))
+            log_event(log, "scheduler_shutdown_timeout", logging.WARNING, workers_still_running=len(alive))
         return not alive
 
 

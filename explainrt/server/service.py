@@ -199,7 +199,7 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
         except grpc.RpcError:
             pass  # the client went away; stream.cancel has stopped the work
         except Exception:  # a bug in the reader must not hang the stream
-            log.exception("event=stream_reader_failed")
+            log.exception("event=stream_reader_failed", extra={"fields": {"event": "stream_reader_failed"}})
         finally:
             stream.items.put(None)
 
@@ -301,7 +301,8 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
                   **(describe(item.task) if item.task else {"method": item.method or None}),
                   code=code.name, ms=round(seconds * 1e3, 2), error=message)
         if code == grpc.StatusCode.INTERNAL:
-            log.error("event=internal_error rpc=%s", item.rpc, exc_info=(type(exc), exc, exc.__traceback__))
+            log.error("event=internal_error rpc=%s", item.rpc, exc_info=(type(exc), exc, exc.__traceback__),
+                      extra={"fields": {"event": "internal_error", "rpc": item.rpc}})
         return code, message
 
 

@@ -6,6 +6,7 @@ after it run on a worker, where a corrupt image or a NaN still becomes InvalidIn
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import threading
@@ -59,7 +60,12 @@ def parse_request(request: pb.ExplainRequest, models: ModelRepository) -> Explai
         raise InvalidInputError(
             f"parameter edges={params['edges']!r} is not offered by the server: use one of "
             f"{', '.join(BUILTIN_EDGES)} (the server does not load edge models named by clients)")
-    METHODS[method].create(**params)  # unknown parameters and out-of-range values fail here, before queueing
+    try:
+        METHODS[method].create(**params)  # unknown parameters and out-of-range values fail here, before queueing
+    except (TypeError, ValueError) as exc:  # e.g. a JSON list where a mapping belongs
+        if isinstance(exc, InvalidInputError):
+            raise
+        raise InvalidInputError(f"invalid parameters for method '{method}': {exc}; see GetModelMetadata") from None
 
     kind = request.WhichOneof("image")
     if kind is None:
@@ -100,8 +106,10 @@ def parse_request(request: pb.ExplainRequest, models: ModelRepository) -> Explai
 def run_task(task: ExplainTask, progress: Optional[Callable[[int, int], None]] = None,
              cancel: Optional[threading.Event] = None, max_response_bytes: Optional[int] = None) -> pb.ExplainResponse:
     """Explain on the calling (worker) thread and build the response; timings.queue_s/total_s are left to the caller."""
-    result = task.model.explainer.explain(task.image, task.method, target=task.targets, progress=progress,
-                                          cancel=cancel, **task.params)
+    lock = task.model.lock or contextlib.nullcontext()
+    with lock:
+        result = task.model.explainer.explain(task.image, task.method, target=task.targets, progress=progress,
+                                              cancel=cancel, **task.params)
     t0 = time.perf_counter()
     response = build_response(task, result)
     response.timings.postprocess_s = time.perf_counter() - t0

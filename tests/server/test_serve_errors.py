@@ -57,6 +57,8 @@ BAD_REQUESTS = {
     "parameter type": (_request(method="scorecam", params={"score": "softmax"}), "INVALID_ARGUMENT", "one of"),
     "class too large": (_request(targets=[10]), "INVALID_ARGUMENT", "out of range"),
     "negative class": (_request(targets=[-1]), "INVALID_ARGUMENT", "out of range"),
+    "parameter shape": (_request(method="featurecam", params={"base_params": "[1, 2]"}), "INVALID_ARGUMENT",
+                        "invalid parameters"),
     "edge model path": (_request(method="featurecam", params={"edges": "/tmp/hed.onnx"}), "INVALID_ARGUMENT",
                         "not offered"),
     "overlay of a tensor": (_request(image=np.zeros((3, *INPUT_HW), np.float32), output=pb.OutputOptions(

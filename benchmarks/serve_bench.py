@@ -1,0 +1,217 @@
+#!/usr/bin/env python
+"""Latency/throughput of `explainrt serve` under a concurrency sweep (in the spirit of Triton's perf_analyzer).
+
+Exports EfficientNet-Lite0 to a temp dir, starts a server on loopback (a subprocess by default,
+`--inprocess` for one process), and for each method and concurrency level runs that many
+clients back to back for `--duration` seconds (each client sends at least one request). It
+reports p50/p90/p99 end-to-end latency and throughput, and the server overhead:
+
+* ``overhead`` = end-to-end p50 at concurrency 1 − p50 of the in-process ``Explainer.explain``
+  on the same request, measured in the same run;
+* ``per-request overhead`` = each request's end-to-end latency − the explainer time the server
+  reports for it (preprocess + base pass + explain), p50 over the level.
+
+    PYTHONPATH=. python benchmarks/serve_bench.py                       # fem + scorecam, 1/2/4/8
+    PYTHONPATH=. python benchmarks/serve_bench.py --methods fem --levels 1,2,4,8,16 --duration 5
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def percentile(values, q):
+    return float(np.percentile(np.asarray(values, np.float64), q)) if len(values) else float("nan")
+
+
+def bench_image(size: int = 224) -> np.ndarray:
+    """scikit-image's chelsea (a real photograph) resized to size×size RGB uint8; a gradient if skimage is absent."""
+    import cv2
+
+    try:
+        from skimage import data
+
+        img = data.chelsea()
+    except ImportError:
+        yy, xx = np.mgrid[0:300, 0:451]
+        img = np.stack([xx % 256, yy % 256, (xx + yy) % 256], axis=2).astype(np.uint8)
+    return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+
+
+class ServerProcess:
+    """`python -m explainrt serve` on 127.0.0.1 with a free port; stopped with SIGTERM."""
+
+    def __init__(self, models: str, workers: int, batch_size: int, queue_size: int):
+        env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "explainrt", "serve", "--models", models, "--host", "127.0.0.1", "--port", "0",
+             "--workers", str(workers), "--batch-size", str(batch_size), "--queue-size", str(queue_size)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+        line = self.proc.stdout.readline()
+        match = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+        if not match:
+            raise RuntimeError(f"server did not start: {line!r}")
+        self.port = int(match.group(1))
+        if "serving" not in self.proc.stdout.readline():
+            raise RuntimeError("server did not load its model")
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(60)
+
+
+class InProcessServer:
+    def __init__(self, models: str, workers: int, batch_size: int, queue_size: int):
+        from explainrt.server import ExplainServer, ServerConfig
+
+        self.server = ExplainServer(ServerConfig(models=models, host="127.0.0.1", port=0, workers=workers,
+                                                 batch_size=batch_size, queue_size=queue_size)).start()
+        self.port = self.server.port
+
+    def stop(self):
+        self.server.stop(grace=5)
+
+
+def run_level(url: str, method: str, image: np.ndarray, concurrency: int, duration: float) -> dict:
+    """``concurrency`` clients send requests back to back for ``duration`` s (at least one each)."""
+    from explainrt.client import ExplainClient
+
+    samples: list[tuple[float, float]] = []  # (end-to-end s, server explainer s)
+    errors: list[str] = []
+    lock = threading.Lock()
+    start = threading.Barrier(concurrency + 1)
+
+    def client_loop():
+        with ExplainClient(url, timeout=600, retries=0) as client:
+            client.explain(image, method)  # connect + warm this channel outside the measurement
+            start.wait()
+            end = time.perf_counter() + duration
+            first = True
+            while first or time.perf_counter() < end:
+                first = False
+                try:
+                    result = client.explain(image, method)
+                except Exception as exc:
+                    with lock:
+                        errors.append(str(exc))
+                    continue
+                t = result.timings
+                with lock:
+                    samples.append((result.latency_s, t["preprocess_s"] + t["base_pass_s"] + t["explain_s"]))
+
+    threads = [threading.Thread(target=client_loop) for _ in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - t0
+    e2e = [s[0] for s in samples]
+    overhead = [s[0] - s[1] for s in samples]
+    return {"method": method, "concurrency": concurrency, "requests": len(samples), "errors": len(errors),
+            "wall_s": wall, "throughput_rps": len(samples) / wall,
+            "p50_ms": percentile(e2e, 50) * 1e3, "p90_ms": percentile(e2e, 90) * 1e3,
+            "p99_ms": percentile(e2e, 99) * 1e3, "per_request_overhead_p50_ms": percentile(overhead, 50) * 1e3}
+
+
+def in_process_latency(model: str, method: str, image: np.ndarray, batch_size: int, count: int) -> list[float]:
+    """Seconds of ``Explainer.explain`` on the same request, in this process (warm)."""
+    from explainrt import Explainer
+
+    with Explainer(model, batch_size=batch_size) as explainer:
+        explainer.explain(image, method)
+        times = []
+        for _ in range(count):
+            t0 = time.perf_counter()
+            explainer.explain(image, method)
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default="fem,scorecam")
+    parser.add_argument("--levels", default="1,2,4,8", help="concurrency levels")
+    parser.add_argument("--duration", type=float, default=3.0, help="seconds per level (each client sends >= 1)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--model", default=None, help="an exported .onnx (default: export EfficientNet-Lite0)")
+    parser.add_argument("--inprocess", action="store_true", help="run the server in this process")
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "out"))
+    args = parser.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    levels = [int(c) for c in args.levels.split(",")]
+    image = bench_image()
+
+    with tempfile.TemporaryDirectory() as models:
+        model = os.path.join(models, "lite0.onnx")
+        if args.model:
+            os.symlink(os.path.abspath(args.model), model)
+        else:
+            from explainrt.export import export_zoo_model
+
+            print("exporting efficientnet-lite0 …", file=sys.stderr)
+            export_zoo_model("efficientnet-lite0", model)
+        baseline = {}
+        for method in methods:
+            count = 30 if method == "fem" else 2
+            baseline[method] = in_process_latency(model, method, image, args.batch_size, count)
+            print(f"in-process {method}: p50 {percentile(baseline[method], 50) * 1e3:.1f} ms "
+                  f"({len(baseline[method])} runs)", file=sys.stderr)
+        server_cls = InProcessServer if args.inprocess else ServerProcess
+        server = server_cls(models, args.workers, args.batch_size, queue_size=max(64, 2 * max(levels)))
+        rows = []
+        try:
+            url = f"127.0.0.1:{server.port}"
+            for method in methods:
+                for concurrency in levels:
+                    row = run_level(url, method, image, concurrency, args.duration)
+                    row["in_process_p50_ms"] = percentile(baseline[method], 50) * 1e3
+                    rows.append(row)
+                    print(f"{method} c={concurrency}: {row['requests']} requests, p50 {row['p50_ms']:.1f} ms",
+                          file=sys.stderr)
+        finally:
+            server.stop()
+
+    header = (f"{'method':<9} {'conc':>4} {'reqs':>5} {'err':>3} {'thru/s':>8} {'p50 ms':>9} {'p90 ms':>9} "
+              f"{'p99 ms':>9} {'in-proc p50':>11} {'overhead':>9} {'per-req ovh':>11}")
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        overhead = row["p50_ms"] - row["in_process_p50_ms"] if row["concurrency"] == 1 else float("nan")
+        row["overhead_p50_ms"] = overhead
+        print(f"{row['method']:<9} {row['concurrency']:>4} {row['requests']:>5} {row['errors']:>3} "
+              f"{row['throughput_rps']:>8.2f} {row['p50_ms']:>9.1f} {row['p90_ms']:>9.1f} {row['p99_ms']:>9.1f} "
+              f"{row['in_process_p50_ms']:>11.1f} {overhead:>9.2f} {row['per_request_overhead_p50_ms']:>11.2f}")
+    print("overhead = e2e p50 − in-process Explainer p50 (concurrency 1); per-req ovh = p50 of (e2e − server-"
+          "reported explainer time). Times in ms, image 224x224 uint8 RGB, float32 map back.")
+    os.makedirs(args.out, exist_ok=True)
+    stamp = time.strftime("%Y-%m-%d")
+    path = os.path.join(args.out, f"serve_bench-{stamp}.json")
+    with open(path, "w") as fh:
+        json.dump({"date": stamp, "host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                   "server": "in-process" if args.inprocess else "subprocess", "workers": args.workers,
+                   "batch_size": args.batch_size, "duration_s": args.duration, "model": "efficientnet-lite0"
+                   if not args.model else args.model, "image": "224x224 uint8", "rows": rows,
+                   "in_process_ms": {m: [t * 1e3 for t in v] for m, v in baseline.items()}}, fh, indent=1)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
