@@ -1,11 +1,14 @@
 """Prometheus metrics of one server (its own registry, so several servers can share a process).
 
-Masked passes per second is ``rate(explainrt_masked_passes_total[1m])`` in PromQL: a counter is
-what Prometheus turns into a rate, a gauge computed here would hide the window.
+Masked passes per second: ``rate(explainrt_masked_passes_total[1m])`` in PromQL, or the gauge
+``explainrt_masked_passes_per_second`` (the last 10 s, for a glance at the raw endpoint).
 """
 from __future__ import annotations
 
+import collections
 import logging
+import threading
+import time
 from typing import Callable, Optional
 
 from ..errors import require
@@ -14,6 +17,31 @@ from .logs import log_event
 log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class RateMeter:
+    """Events per second over the last ``window`` seconds."""
+
+    def __init__(self, window: float = 10.0):
+        self.window = window
+        self._events: collections.deque = collections.deque()
+        self._lock = threading.Lock()
+
+    def add(self, count: float, now: Optional[float] = None) -> None:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            self._events.append((now, count))
+            self._trim(now)
+
+    def rate(self, now: Optional[float] = None) -> float:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            self._trim(now)
+            return sum(count for _, count in self._events) / self.window
+
+    def _trim(self, now: float) -> None:
+        while self._events and self._events[0][0] < now - self.window:
+            self._events.popleft()
 
 
 class ServerMetrics:
@@ -34,6 +62,9 @@ class ServerMetrics:
         self.masked_passes = prom.Counter(
             "explainrt_masked_passes", "Masked forward passes run (rate() gives passes per second)",
             ["model", "method"], registry=self.registry)
+        self.pass_rate = RateMeter()
+        prom.Gauge("explainrt_masked_passes_per_second", "Masked forward passes per second over the last 10 s",
+                   registry=self.registry).set_function(self.pass_rate.rate)
         self.forward_passes = prom.Counter(
             "explainrt_forward_passes", "Forward passes of completed requests, base passes included",
             ["model", "method"], registry=self.registry)
@@ -42,6 +73,11 @@ class ServerMetrics:
         busy = prom.Gauge("explainrt_requests_running", "Requests a worker is executing", registry=self.registry)
         busy.set_function(running)
         self._http = None
+
+    def count_masked_passes(self, model: str, method: str, count: int) -> None:
+        """Add ``count`` masked passes (called from the explainer's progress callback)."""
+        self.masked_passes.labels(model, method).inc(count)
+        self.pass_rate.add(count)
 
     def observe(self, rpc: str, method: str, code: str, seconds: float) -> None:
         """Count one finished request and its latency."""

@@ -154,11 +154,21 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
         reader.start()
         try:
             while True:
-                item = stream.items.get()
+                try:
+                    item = stream.items.get(timeout=1.0)
+                except queue.Empty:
+                    if not context.is_active():
+                        return
+                    continue
                 if item is None:
                     return
                 while True:
-                    kind, *payload = item.events.get()
+                    try:
+                        kind, *payload = item.events.get(timeout=1.0)
+                    except queue.Empty:
+                        if not context.is_active():  # the client is gone: free this RPC thread
+                            return
+                        continue
                     if kind == "progress":
                         done, total = payload
                         yield pb.ExplainStreamResponse(index=item.index, request_id=item.request_id,
@@ -251,7 +261,7 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
 
     def _progress(self, item: _Item, stream: bool):
         """progress(done, total) for the explainer: counts masked passes; on streams, queues progress messages."""
-        counter = self.metrics.masked_passes.labels(item.task.model.name, item.task.method)
+        model, method = item.task.model.name, item.task.method
         interval = self.options.progress_interval_s
         state = {"last": 0, "emitted": time.perf_counter()}
 
@@ -259,7 +269,7 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
             delta = done - state["last"] if done >= state["last"] else done  # a new set of passes restarts at 0
             state["last"] = done
             if delta:
-                counter.inc(delta)
+                self.metrics.count_masked_passes(model, method, delta)
             if stream and total:
                 now = time.perf_counter()
                 if now - state["emitted"] >= interval:

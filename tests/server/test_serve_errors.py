@@ -174,3 +174,18 @@ def test_large_request_is_chunked_not_refused(client):
     """Far more masks than the engine's batch (64): chunked by the driver, answered normally."""
     result = client.explain(GOOD, "rise", params={"n_masks": 1000, "grid_size": 3})
     assert result.forward_passes == 1001
+
+
+def test_cancelling_a_stream_stops_its_work(server, client, idle):
+    from explainrt.proto.explainrt.v1 import explainrt_pb2_grpc as pb_grpc
+
+    before = server.metrics.masked_pass_total(method="rise")
+    stub = pb_grpc.ExplainServiceStub(client.channel)
+    call = stub.ExplainStream(iter([client.request(GOOD, **_long_rise()) for _ in range(3)]), timeout=60)
+    assert next(call).WhichOneof("kind") == "progress"  # the first item is running
+    call.cancel()  # the client walks away mid-stream
+    assert wait_for(lambda: server.scheduler.running == 0 and server.scheduler.depth == 0, timeout=5)
+    stopped_at = server.metrics.masked_pass_total(method="rise")
+    time.sleep(0.3)
+    assert server.metrics.masked_pass_total(method="rise") == stopped_at
+    assert stopped_at - before < 400_000

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import urllib.request
 
 import cv2
@@ -251,3 +252,15 @@ def test_metrics_endpoint_counts_requests_by_method_and_code(server, client, ima
     assert "explainrt_request_latency_seconds_bucket" in text
     assert "explainrt_queue_depth 0.0" in text
     assert 'explainrt_masked_passes_total{method="scorecam",model="tiny"}' in text
+    assert float(re.search(r"^explainrt_masked_passes_per_second (\S+)$", text, re.M).group(1)) >= 1.5  # 15 / 10 s
+
+
+def test_rate_meter_counts_a_sliding_window():
+    from explainrt.server.metrics import RateMeter
+
+    meter = RateMeter(window=10)
+    meter.add(100, now=0.0)
+    meter.add(50, now=5.0)
+    assert meter.rate(now=9.0) == 15.0
+    assert meter.rate(now=12.0) == 5.0  # the first 100 left the window
+    assert meter.rate(now=30.0) == 0.0
