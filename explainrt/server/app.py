@@ -19,6 +19,7 @@ from .service import ExplainServicer, ServiceOptions
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "explainrt.v1.ExplainService"
+DRAIN_SEND_S = 5.0  # once no explanation is running: time left for the last responses to be sent
 
 
 class ExplainServer:
@@ -108,14 +109,20 @@ class ExplainServer:
             self._stopping = True
         grace = self.config.grace_s if grace is None else grace
         t0 = time.perf_counter()
+        end = time.monotonic() + grace
         log_event(log, "draining", grace_s=grace, queued=self.scheduler.depth, running=self.scheduler.running)
+        # The gRPC server keeps accepting calls while explanations drain, so that health checks read
+        # NOT_SERVING and new requests get UNAVAILABLE from the servicer (a stopped gRPC server would
+        # answer CANCELLED).
         self.health.enter_graceful_shutdown()
         self.scheduler.close()
+        while self.servicer.active_calls and time.monotonic() < end:
+            time.sleep(0.02)
         if self._server is not None:
-            # grpc refuses new RPCs at once, waits up to `grace` for running ones, then cancels them
-            # (their cancel events stop the workers between two chunks).
-            self._server.stop(grace).wait()
-        self.scheduler.shutdown(timeout=grace + 5.0)
+            # Then: let responses still being sent go out (a few seconds at most), cancel whatever is
+            # left (streams kept open, health watches; cancel events stop workers between two chunks).
+            self._server.stop(min(max(0.0, end - time.monotonic()), DRAIN_SEND_S)).wait()
+        self.scheduler.shutdown(timeout=max(0.0, end - time.monotonic()) + 5.0)
         self._executor.shutdown(wait=True, cancel_futures=True)
         self.metrics.stop_http()
         self.models.close()

@@ -128,27 +128,47 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
         self.scheduler = scheduler
         self.metrics = metrics
         self.options = options or ServiceOptions()
+        self._active = 0
+        self._active_lock = threading.Lock()
+
+    @property
+    def active_calls(self) -> int:
+        """Explain/ExplainStream calls being handled now (the drain waits for them)."""
+        return self._active
+
+    def _enter(self) -> None:
+        with self._active_lock:
+            self._active += 1
+
+    def _leave(self) -> None:
+        with self._active_lock:
+            self._active -= 1
 
     # ---- unary -------------------------------------------------------------------------
     def Explain(self, request, context):
         item = _Item("Explain", request)
+        self._enter()
         try:
-            self._prepare(item, _deadline(context))
-            if not context.add_callback(item.job.cancel.set):  # the RPC already ended
-                item.job.cancel.set()
-            self.scheduler.submit(item.job, wait=0.0)
-            response = self._await(item, context.time_remaining())
-        except Exception as exc:  # every failure becomes a status code; context.abort raises past this
-            code, message = self._failed(item, exc)
-            context.abort(code, message)
-        self._succeeded(item, response)
-        return response
+            try:
+                self._prepare(item, _deadline(context))
+                if not context.add_callback(item.job.cancel.set):  # the RPC already ended
+                    item.job.cancel.set()
+                self.scheduler.submit(item.job, wait=0.0)
+                response = self._await(item, context.time_remaining())
+            except Exception as exc:  # every failure becomes a status code; context.abort raises past this
+                code, message = self._failed(item, exc)
+                context.abort(code, message)
+            self._succeeded(item, response)
+            return response
+        finally:
+            self._leave()
 
     # ---- stream ------------------------------------------------------------------------
     def ExplainStream(self, request_iterator, context):
         stream = _Stream(self.options.stream_window)
         if not context.add_callback(stream.cancel):
             return
+        self._enter()
         reader = threading.Thread(target=self._read_stream, name="explainrt-stream-reader", daemon=True,
                                   args=(request_iterator, stream, _deadline(context)))
         reader.start()
@@ -186,6 +206,7 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
                     break
         finally:
             stream.cancel()
+            self._leave()
 
     def _read_stream(self, request_iterator, stream: "_Stream", deadline: Optional[float]) -> None:
         """Reader thread of one stream: validate and queue each request in order, at most ``window`` at once."""

@@ -51,7 +51,8 @@ def test_stop_drains_in_flight_requests(single_model_dir):
         assert wait_for(lambda: not srv.scheduler.accepting)
         with pytest.raises(RemoteError) as err:
             c.explain(GOOD, "fem")
-        assert err.value.code == "UNAVAILABLE"
+        assert err.value.code == "UNAVAILABLE" and "shutting down" in err.value.message
+        assert c.health() == "NOT_SERVING" and c.health("tiny") == "NOT_SERVING"  # still answering while draining
         for thread in threads:
             thread.join(30)
         stopper.join(30)
