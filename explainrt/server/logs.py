@@ -49,7 +49,7 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out = {"ts": _timestamp(record), "level": record.levelname.lower(), "logger": record.name}
         fields = getattr(record, "fields", None)
-        out.update(fields if fields else {"msg": record.getMessage()})
+        out.update({k: v for k, v in fields.items() if v is not None} if fields else {"msg": record.getMessage()})
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, default=str)
