@@ -32,6 +32,10 @@ import time
 
 import numpy as np
 
+# Pause between the in-process and the remote half of a pair: ONNX Runtime's intra-op threads
+# spin for a while after a run, and on a 2-core machine the spinning threads of one process
+# would slow the other process's next run (an artefact of measuring, not server overhead).
+SETTLE_S = 0.05
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -142,7 +146,11 @@ def measure_overhead(url: str, model: str, method: str, image: np.ndarray, batch
     from explainrt.client import ExplainClient
 
     local, remote, paired = [], [], []
-    with Explainer(model, batch_size=batch_size) as explainer, ExplainClient(url, timeout=600, retries=0) as client:
+    from explainrt.server.config import ServerConfig
+
+    same_engine = ServerConfig(models="").engine_options()  # the server's engine settings, for a fair baseline
+    with Explainer(model, batch_size=batch_size, **same_engine) as explainer, \
+            ExplainClient(url, timeout=600, retries=0) as client:
         explainer.explain(image, "fem")  # warm both sides cheaply
         client.explain(image, "fem")
         end = time.perf_counter() + duration
@@ -150,9 +158,11 @@ def measure_overhead(url: str, model: str, method: str, image: np.ndarray, batch
             t0 = time.perf_counter()
             explainer.explain(image, method)
             local.append(time.perf_counter() - t0)
+            time.sleep(SETTLE_S)
             result = client.explain(image, method)
             remote.append(result.latency_s)
             paired.append(result.latency_s - _explainer_seconds(result))
+            time.sleep(SETTLE_S)
     return {"method": method, "pairs": len(local), "in_process_p50_ms": percentile(local, 50) * 1e3,
             "end_to_end_p50_ms": percentile(remote, 50) * 1e3,
             "overhead_p50_ms": (percentile(remote, 50) - percentile(local, 50)) * 1e3,

@@ -33,7 +33,10 @@ def default_providers(device: str) -> list[str]:
 
 
 class OnnxRuntimeEngine(Engine):
-    """Runs an exported model with ONNX Runtime (NumPy in, NumPy out)."""
+    """Runs an exported model with ONNX Runtime (NumPy in, NumPy out).
+
+    ``session_config``: extra ONNX Runtime session config entries (``add_session_config_entry``).
+    """
 
     backend = "onnxruntime"
 
@@ -45,6 +48,7 @@ class OnnxRuntimeEngine(Engine):
         providers: Optional[Sequence] = None,
         threads: Optional[int] = None,
         metadata: Optional[ModelMetadata] = None,
+        session_config: Optional[dict] = None,
     ):
         import onnxruntime as ort
 
@@ -55,6 +59,8 @@ class OnnxRuntimeEngine(Engine):
         if threads:
             opts.intra_op_num_threads = int(threads)
         opts.log_severity_level = 3
+        for key, value in (session_config or {}).items():  # e.g. {"session.intra_op.allow_spinning": "0"}
+            opts.add_session_config_entry(key, str(value))
         try:
             self.session = ort.InferenceSession(path, opts, providers=list(providers or default_providers(device)))
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types

@@ -37,8 +37,7 @@ class ExplainServer:
         self._health_grpc = require("grpc_health.v1.health_pb2_grpc", "serve", "the gRPC health service")
         self._reflection = require("grpc_reflection.v1alpha.reflection", "serve", "gRPC server reflection")
         self.config = config
-        self.models = ModelRepository(config.models, batch_size=config.batch_size, backend=config.backend,
-                                      device=config.device, **({"threads": config.threads} if config.threads else {}))
+        self.models = ModelRepository(config.models, batch_size=config.batch_size, **config.engine_options())
         self.scheduler = Scheduler(config.workers, config.queue_size)
         self.metrics = ServerMetrics(lambda: self.scheduler.depth, lambda: self.scheduler.running)
         self.servicer = ExplainServicer(self.models, self.scheduler, self.metrics, ServiceOptions(

@@ -29,6 +29,9 @@ def register(subparsers) -> None:
     p.add_argument("--backend", default=d.backend, choices=("onnxruntime", "torch", "tensorrt"))
     p.add_argument("--device", default=d.device, choices=("cpu", "cuda"))
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per model")
+    p.add_argument("--ort-spinning", action="store_true",
+                   help="let ONNX Runtime threads busy-wait between runs (default off: they starve the server's "
+                        "other threads on small machines)")
     p.add_argument("--max-message-mib", type=int, default=d.max_receive_mib,
                    help=f"largest request in MiB (default {d.max_receive_mib}: a 4K PNG or raw RGB image fits)")
     p.add_argument("--grace", type=float, default=d.grace_s,
@@ -67,6 +70,7 @@ def cmd_serve(args) -> int:
     config = ServerConfig(models=args.models, host=args.host, port=args.port, metrics_port=args.metrics_port,
                           workers=args.workers, queue_size=args.queue_size, batch_size=args.batch_size,
                           backend=args.backend, device=args.device, threads=args.threads,
+                          ort_spinning=args.ort_spinning,
                           max_receive_mib=args.max_message_mib, max_send_mib=max(args.max_message_mib, 256),
                           grace_s=args.grace)
     server = ExplainServer(config)

@@ -115,6 +115,12 @@ def test_get_model_metadata(client, reference):
     assert meta["batch_size"] == 64
 
 
+def test_server_engines_do_not_spin(server):
+    """ONNX Runtime's busy-waiting threads are off in the server (they starve its other threads)."""
+    options = server.models.get("tiny").explainer.engine.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
 def test_model_is_chosen_by_name(client, reference, image, model_dir):
     other = client.explain(image, "fem", model="tiny2")
     with Explainer(os.path.join(model_dir, "tiny2.onnx")) as second:
