@@ -13,6 +13,7 @@ from typing import Optional
 import grpc
 
 from ..errors import ExplainRTError, InvalidInputError, MissingDependencyError, ModelError
+from ..explainers import METHODS
 from ..explainers.driver import Cancelled
 from ..proto.explainrt.v1 import explainrt_pb2 as pb
 from ..proto.explainrt.v1 import explainrt_pb2_grpc as pb_grpc
@@ -326,7 +327,8 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
         expired = item.job is not None and item.job.expired()
         code, message = status_for(exc, expired)
         seconds = time.perf_counter() - item.arrival
-        self.metrics.observe(item.rpc, item.method if item.task else "", code.name, seconds)
+        method_label = item.method if item.method in METHODS else ""  # bounded label values only
+        self.metrics.observe(item.rpc, method_label, code.name, seconds)
         level = logging.ERROR if code == grpc.StatusCode.INTERNAL else logging.INFO
         log_event(log, "rpc", level, rpc=item.rpc, index=item.index if item.rpc == "ExplainStream" else None,
                   **(describe(item.task) if item.task else {"method": item.method or None}),
