@@ -37,7 +37,8 @@ class OnnxRuntimeEngine(Engine):
 
     On ``device="cpu"`` NumPy in, NumPy out. On ``device="cuda"`` (onnxruntime-gpu) CuPy in,
     CuPy out through IOBinding: the input is bound at its device pointer and the outputs are
-    written into CuPy buffers, so nothing goes through the host.
+    written into CuPy buffers, so nothing goes through the host. ``session_config``: extra
+    ONNX Runtime session config entries (``add_session_config_entry``).
     """
 
     backend = "onnxruntime"
@@ -50,6 +51,7 @@ class OnnxRuntimeEngine(Engine):
         providers: Optional[Sequence] = None,
         threads: Optional[int] = None,
         metadata: Optional[ModelMetadata] = None,
+        session_config: Optional[dict] = None,
     ):
         import onnxruntime as ort
 
@@ -60,6 +62,8 @@ class OnnxRuntimeEngine(Engine):
         if threads:
             opts.intra_op_num_threads = int(threads)
         opts.log_severity_level = 3
+        for key, value in (session_config or {}).items():  # e.g. {"session.intra_op.allow_spinning": "0"}
+            opts.add_session_config_entry(key, str(value))
         try:
             self.session = ort.InferenceSession(path, opts, providers=list(providers or default_providers(device)))
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types

@@ -1,0 +1,246 @@
+#!/usr/bin/env python
+"""Latency/throughput of `explainrt serve` under a concurrency sweep (in the spirit of Triton's perf_analyzer).
+
+Exports EfficientNet-Lite0 to a temp dir, starts a server on loopback (a subprocess by default,
+`--inprocess` for one process), and for each method and concurrency level runs that many
+clients back to back for `--duration` seconds (each client sends at least one request). It
+reports p50/p90/p99 end-to-end latency and throughput per level, and the server overhead at
+concurrency 1, measured two ways in the same run:
+
+* ``overhead`` = p50 end to end − p50 of the in-process ``Explainer.explain`` on the same request,
+  the two interleaved (in-process, remote, in-process, remote, ...) so both see the same machine;
+* ``per-req ovh`` = p50 over requests of (end to end − the explainer time the server reports for
+  that very request: preprocess + base pass + explain). This pairs each request with itself and
+  is the steadier number on a busy machine; at higher concurrency it includes the queue wait.
+
+    PYTHONPATH=. python benchmarks/serve_bench.py                       # fem + scorecam, 1/2/4/8
+    PYTHONPATH=. python benchmarks/serve_bench.py --methods fem --levels 1,2,4,8,16 --duration 5
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+# Pause between the in-process and the remote half of a pair: ONNX Runtime's intra-op threads
+# spin for a while after a run, and on a 2-core machine the spinning threads of one process
+# would slow the other process's next run (an artefact of measuring, not server overhead).
+SETTLE_S = 0.05
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def percentile(values, q):
+    return float(np.percentile(np.asarray(values, np.float64), q)) if len(values) else float("nan")
+
+
+def bench_image(size: int = 224) -> np.ndarray:
+    """scikit-image's chelsea (a real photograph) resized to size×size RGB uint8; a gradient if skimage is absent."""
+    import cv2
+
+    try:
+        from skimage import data
+
+        img = data.chelsea()
+    except ImportError:
+        yy, xx = np.mgrid[0:300, 0:451]
+        img = np.stack([xx % 256, yy % 256, (xx + yy) % 256], axis=2).astype(np.uint8)
+    return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+
+
+class ServerProcess:
+    """`python -m explainrt serve` on 127.0.0.1 with a free port; stopped with SIGTERM."""
+
+    def __init__(self, models: str, workers: int, batch_size: int, queue_size: int):
+        env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "explainrt", "serve", "--models", models, "--host", "127.0.0.1", "--port", "0",
+             "--workers", str(workers), "--batch-size", str(batch_size), "--queue-size", str(queue_size)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+        line = self.proc.stdout.readline()
+        match = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+        if not match:
+            raise RuntimeError(f"server did not start: {line!r}")
+        self.port = int(match.group(1))
+        if "serving" not in self.proc.stdout.readline():
+            raise RuntimeError("server did not load its model")
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(60)
+
+
+class InProcessServer:
+    def __init__(self, models: str, workers: int, batch_size: int, queue_size: int):
+        from explainrt.server import ExplainServer, ServerConfig
+
+        self.server = ExplainServer(ServerConfig(models=models, host="127.0.0.1", port=0, workers=workers,
+                                                 batch_size=batch_size, queue_size=queue_size)).start()
+        self.port = self.server.port
+
+    def stop(self):
+        self.server.stop(grace=5)
+
+
+def _explainer_seconds(result) -> float:
+    t = result.timings
+    return t["preprocess_s"] + t["base_pass_s"] + t["explain_s"]
+
+
+def run_level(url: str, method: str, image: np.ndarray, concurrency: int, duration: float) -> dict:
+    """``concurrency`` clients send requests back to back for ``duration`` s (at least one each)."""
+    from explainrt.client import ExplainClient
+
+    samples: list[tuple[float, float]] = []  # (end-to-end s, server explainer s)
+    errors: list[str] = []
+    lock = threading.Lock()
+    start = threading.Barrier(concurrency + 1)
+
+    def client_loop():
+        with ExplainClient(url, timeout=600, retries=0) as client:
+            client.health()  # connect outside the measurement
+            start.wait()
+            end = time.perf_counter() + duration
+            first = True
+            while first or time.perf_counter() < end:
+                first = False
+                try:
+                    result = client.explain(image, method)
+                except Exception as exc:
+                    with lock:
+                        errors.append(str(exc))
+                    continue
+                with lock:
+                    samples.append((result.latency_s, _explainer_seconds(result)))
+
+    threads = [threading.Thread(target=client_loop) for _ in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - t0
+    e2e = [s[0] for s in samples]
+    return {"method": method, "concurrency": concurrency, "requests": len(samples), "errors": len(errors),
+            "wall_s": wall, "throughput_rps": len(samples) / wall,
+            "p50_ms": percentile(e2e, 50) * 1e3, "p90_ms": percentile(e2e, 90) * 1e3,
+            "p99_ms": percentile(e2e, 99) * 1e3,
+            "per_request_overhead_p50_ms": percentile([a - b for a, b in samples], 50) * 1e3}
+
+
+def measure_overhead(url: str, model: str, method: str, image: np.ndarray, batch_size: int,
+                     duration: float) -> dict:
+    """Concurrency 1, interleaved: in-process ``Explainer.explain``, then the same request through the server."""
+    from explainrt import Explainer
+    from explainrt.client import ExplainClient
+
+    local, remote, paired = [], [], []
+    from explainrt.server.config import ServerConfig
+
+    same_engine = ServerConfig(models="").engine_options()  # the server's engine settings, for a fair baseline
+    with Explainer(model, batch_size=batch_size, **same_engine) as explainer, \
+            ExplainClient(url, timeout=600, retries=0) as client:
+        explainer.explain(image, "fem")  # warm both sides cheaply
+        client.explain(image, "fem")
+        end = time.perf_counter() + duration
+        while not local or time.perf_counter() < end:
+            t0 = time.perf_counter()
+            explainer.explain(image, method)
+            local.append(time.perf_counter() - t0)
+            time.sleep(SETTLE_S)
+            result = client.explain(image, method)
+            remote.append(result.latency_s)
+            paired.append(result.latency_s - _explainer_seconds(result))
+            time.sleep(SETTLE_S)
+    return {"method": method, "pairs": len(local), "in_process_p50_ms": percentile(local, 50) * 1e3,
+            "end_to_end_p50_ms": percentile(remote, 50) * 1e3,
+            "overhead_p50_ms": (percentile(remote, 50) - percentile(local, 50)) * 1e3,
+            "per_request_overhead_p50_ms": percentile(paired, 50) * 1e3,
+            "in_process_ms": [t * 1e3 for t in local], "end_to_end_ms": [t * 1e3 for t in remote]}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default="fem,scorecam")
+    parser.add_argument("--levels", default="1,2,4,8", help="concurrency levels")
+    parser.add_argument("--duration", type=float, default=3.0, help="seconds per level (each client sends >= 1)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--model", default=None, help="an exported .onnx (default: export EfficientNet-Lite0)")
+    parser.add_argument("--inprocess", action="store_true", help="run the server in this process")
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "out"))
+    args = parser.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    levels = [int(c) for c in args.levels.split(",")]
+    image = bench_image()
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # run the finally blocks: stop the server
+    with tempfile.TemporaryDirectory() as models:
+        model = os.path.join(models, "lite0.onnx")
+        if args.model:
+            os.symlink(os.path.abspath(args.model), model)
+        else:
+            from explainrt.export import export_zoo_model
+
+            print("exporting efficientnet-lite0 …", file=sys.stderr)
+            export_zoo_model("efficientnet-lite0", model)
+        server_cls = InProcessServer if args.inprocess else ServerProcess
+        server = server_cls(models, args.workers, args.batch_size, queue_size=max(64, 2 * max(levels)))
+        rows, overheads = [], []
+        try:
+            url = f"127.0.0.1:{server.port}"
+            for method in methods:
+                overheads.append(measure_overhead(url, model, method, image, args.batch_size, args.duration))
+                print(f"{method} overhead: {overheads[-1]['overhead_p50_ms']:.2f} ms "
+                      f"({overheads[-1]['pairs']} pairs)", file=sys.stderr)
+                for concurrency in levels:
+                    rows.append(run_level(url, method, image, concurrency, args.duration))
+                    print(f"{method} c={concurrency}: {rows[-1]['requests']} requests, "
+                          f"p50 {rows[-1]['p50_ms']:.1f} ms", file=sys.stderr)
+        finally:
+            server.stop()
+
+    header = (f"{'method':<9} {'conc':>4} {'reqs':>5} {'err':>3} {'thru/s':>8} {'p50 ms':>9} {'p90 ms':>9} "
+              f"{'p99 ms':>9} {'per-req ovh':>11}")
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        print(f"{row['method']:<9} {row['concurrency']:>4} {row['requests']:>5} {row['errors']:>3} "
+              f"{row['throughput_rps']:>8.2f} {row['p50_ms']:>9.1f} {row['p90_ms']:>9.1f} {row['p99_ms']:>9.1f} "
+              f"{row['per_request_overhead_p50_ms']:>11.2f}")
+    print()
+    header = f"{'method':<9} {'pairs':>5} {'in-process p50':>14} {'end-to-end p50':>14} {'overhead':>9} {'per-req ovh':>11}"
+    print(header)
+    print("-" * len(header))
+    for row in overheads:
+        print(f"{row['method']:<9} {row['pairs']:>5} {row['in_process_p50_ms']:>14.2f} {row['end_to_end_p50_ms']:>14.2f} "
+              f"{row['overhead_p50_ms']:>9.2f} {row['per_request_overhead_p50_ms']:>11.2f}")
+    print("ms; image 224x224 uint8 RGB in, float32 224x224 map back; overhead = end-to-end p50 − in-process "
+          "p50 (interleaved, concurrency 1); per-req ovh = p50 of (end to end − server-reported explainer time).")
+    os.makedirs(args.out, exist_ok=True)
+    stamp = time.strftime("%Y-%m-%d")
+    path = os.path.join(args.out, f"serve_bench-{stamp}.json")
+    with open(path, "w") as fh:
+        json.dump({"date": stamp, "host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                   "load_average_at_end": os.getloadavg(),
+                   "server": "in-process" if args.inprocess else "subprocess", "workers": args.workers,
+                   "batch_size": args.batch_size, "duration_s": args.duration, "model": "efficientnet-lite0"
+                   if not args.model else args.model, "image": "224x224 uint8", "rows": rows,
+                   "overhead": overheads}, fh, indent=1)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,284 @@
+"""Python client of the explainrt gRPC server.
+
+    from explainrt.client import ExplainClient
+    with ExplainClient("localhost:50051") as client:
+        result = client.explain("cat.jpg", method="sidu")
+        result.saliency          # float32 (H, W) in [0, 1]
+        for item in client.stream([{"image": "a.jpg", "method": "fem"}, {"image": "b.jpg", "method": "rise"}]):
+            ...                  # RemoteExplanation, or RemoteError for an item that failed
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+from .errors import ExplainRTError, InvalidInputError, require
+
+log = logging.getLogger(__name__)
+
+ImageInput = Union[str, os.PathLike, bytes, np.ndarray]
+MIB = 2**20
+
+
+class RemoteError(ExplainRTError):
+    """The server answered with an error status; ``code`` is the gRPC status name (e.g. 'INVALID_ARGUMENT')."""
+
+    def __init__(self, code: str, message: str, index: Optional[int] = None, request_id: str = ""):
+        super().__init__(f"{code}: {message}")
+        self.code, self.message, self.index, self.request_id = code, message, index, request_id
+
+
+@dataclasses.dataclass
+class RemoteExplanation:
+    """One explanation returned by the server (maps already decoded to NumPy)."""
+
+    model: str
+    method: str
+    targets: list[int]
+    labels: list[str]
+    probabilities: list[float]  # of each target for the unmasked input
+    saliency_maps: np.ndarray  # (T, H, W) float32 (or float16 if asked) in [0, 1]
+    predictions: list[tuple[int, str, float]]  # top-k (class, label, probability)
+    forward_passes: int
+    timings: dict  # server-side seconds: queue_s, preprocess_s, base_pass_s, explain_s, postprocess_s, total_s
+    params: dict
+    original_size: Optional[tuple[int, int]] = None
+    overlay_png: Optional[bytes] = None
+    visualization: Optional[np.ndarray] = None
+    request_id: str = ""
+    index: int = 0
+    latency_s: float = 0.0  # end to end, measured by the client
+
+    @property
+    def saliency(self) -> np.ndarray:
+        return self.saliency_maps[0]
+
+    @property
+    def target(self) -> int:
+        return self.targets[0]
+
+    @property
+    def label(self) -> str:
+        return self.labels[0]
+
+    @property
+    def probability(self) -> float:
+        return self.probabilities[0]
+
+    def top_k(self, k: int = 5) -> list[tuple[int, float]]:
+        """The k most probable classes as (class, probability), like ``Explanation.top_k``."""
+        return [(c, p) for c, _label, p in self.predictions[:k]]
+
+
+def _explanation(response, latency: float = 0.0, index: int = 0) -> RemoteExplanation:
+    from .server.codec import tensor_to_array
+
+    maps = np.stack([tensor_to_array(m.saliency, "saliency") for m in response.maps]) if response.maps else \
+        np.zeros((0, 0, 0), np.float32)
+    t = response.timings
+    return RemoteExplanation(
+        model=response.model, method=response.method, targets=[m.target for m in response.maps],
+        labels=[m.label for m in response.maps], probabilities=[m.probability for m in response.maps],
+        saliency_maps=maps, predictions=[(p.class_index, p.label, p.probability) for p in response.predictions],
+        forward_passes=int(response.forward_passes),
+        timings={"queue_s": t.queue_s, "preprocess_s": t.preprocess_s, "base_pass_s": t.base_pass_s,
+                 "explain_s": t.explain_s, "postprocess_s": t.postprocess_s, "total_s": t.total_s},
+        params={k: json.loads(v) for k, v in response.params.items()},
+        original_size=tuple(response.original_size) if response.original_size else None,
+        overlay_png=response.overlay_png or None,
+        visualization=tensor_to_array(response.visualization, "visualization")
+        if response.HasField("visualization") else None,
+        request_id=response.request_id, index=index, latency_s=latency,
+    )
+
+
+class ExplainClient:
+    """Client of one explainrt server at ``url`` ("host:port").
+
+    ``timeout``: seconds per call (None: no deadline); calls answered UNAVAILABLE (server
+    starting, draining, unreachable) are retried ``retries`` times with exponential backoff
+    from ``backoff`` seconds. ``max_message_mib`` bounds messages both ways.
+    """
+
+    def __init__(self, url: str, timeout: Optional[float] = 60.0, retries: int = 3, backoff: float = 0.1,
+                 max_message_mib: int = 256, model: Optional[str] = None):
+        self.grpc = require("grpc", "serve", "the explainrt client")
+        from .proto.explainrt.v1 import explainrt_pb2, explainrt_pb2_grpc
+
+        self.pb = explainrt_pb2
+        self.url, self.timeout, self.retries, self.backoff, self.model = url, timeout, int(retries), backoff, model
+        self.channel = self.grpc.insecure_channel(url, options=[
+            ("grpc.max_receive_message_length", max_message_mib * MIB),
+            ("grpc.max_send_message_length", max_message_mib * MIB),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+        ])
+        self.stub = explainrt_pb2_grpc.ExplainServiceStub(self.channel)
+
+    # ---- requests ----------------------------------------------------------------------
+    def request(self, image: ImageInput, method: str = "sidu", target: Union[None, int, Sequence[int]] = None,
+                params: Optional[dict] = None, model: Optional[str] = None, saliency_dtype: str = "float32",
+                original_size: bool = False, overlay: bool = False, top_k: Optional[int] = None,
+                request_id: str = ""):
+        """Build an ``ExplainRequest`` (explain/stream arguments documented there)."""
+        from .server.codec import array_to_tensor, dtype_code
+
+        pb = self.pb
+        req = pb.ExplainRequest(model=model or self.model or "", method=method, request_id=request_id)
+        if isinstance(image, (str, os.PathLike)):
+            path = os.fspath(image)
+            if not os.path.isfile(path):
+                raise InvalidInputError(f"image file not found: {path}")
+            with open(path, "rb") as fh:
+                req.encoded = fh.read()
+        elif isinstance(image, (bytes, bytearray, memoryview)):
+            req.encoded = bytes(image)
+        elif isinstance(image, np.ndarray):
+            if np.issubdtype(image.dtype, np.floating):
+                req.tensor.CopyFrom(array_to_tensor(image, pb.FLOAT32))
+            else:
+                req.tensor.CopyFrom(array_to_tensor(image))
+        else:
+            raise InvalidInputError(f"unsupported image type {type(image).__name__}: pass a path, encoded bytes "
+                                    "or a NumPy array (uint8 H×W×3, or preprocessed float32 3×H×W)")
+        if target is not None:
+            req.targets.extend([int(target)] if np.isscalar(target) else [int(t) for t in target])
+        for key, value in (params or {}).items():
+            req.params[key] = value if isinstance(value, str) else json.dumps(value)
+        req.output.saliency_dtype = dtype_code(saliency_dtype)
+        req.output.map_size = pb.MAP_SIZE_ORIGINAL if original_size else pb.MAP_SIZE_MODEL_INPUT
+        req.output.overlay_png = bool(overlay)
+        if top_k is not None:
+            req.output.top_k = int(top_k)
+        return req
+
+    def explain(self, image: ImageInput, method: str = "sidu", target: Union[None, int, Sequence[int]] = None,
+                params: Optional[dict] = None, model: Optional[str] = None, saliency_dtype: str = "float32",
+                original_size: bool = False, overlay: bool = False, top_k: Optional[int] = None,
+                timeout: Optional[float] = None, request_id: str = "") -> RemoteExplanation:
+        """Explain one image on the server.
+
+        ``image``: a file path (sent as encoded bytes), encoded bytes, a uint8 H×W×3 array, or a
+        preprocessed float32 (3, H, W) array. ``params`` are method parameters (values JSON-encoded
+        unless already strings). ``original_size``: maps at the image's size instead of the
+        model's; ``overlay``: also return a PNG overlay; ``top_k``: predictions (server default 5).
+        """
+        req = self.request(image, method, target, params, model, saliency_dtype, original_size, overlay, top_k,
+                           request_id)
+        t0 = time.perf_counter()
+        response = self._unary(self.stub.Explain, req, timeout)
+        return _explanation(response, time.perf_counter() - t0)
+
+    def stream(self, requests: Iterable[Union[dict, Any]], progress: Optional[Callable[[int, int, int], None]] = None,
+               timeout: Optional[float] = None) -> Iterator[Union[RemoteExplanation, RemoteError]]:
+        """Explain many images on one stream; yields one result per request, in order.
+
+        Each request is an ``ExplainRequest`` or a dict of ``request()`` arguments. A request that
+        failed yields a ``RemoteError`` (the stream goes on). ``progress(index, done, total)`` is
+        called for the server's progress messages. ``timeout`` bounds the whole stream (default: none).
+        """
+        sent: dict[int, float] = {}
+
+        def messages():
+            for i, item in enumerate(requests):
+                msg = item if isinstance(item, self.pb.ExplainRequest) else self.request(**item)
+                sent[i] = time.perf_counter()
+                yield msg
+
+        call = self.stub.ExplainStream(messages(), timeout=timeout)
+        try:
+            for reply in call:
+                kind = reply.WhichOneof("kind")
+                if kind == "progress":
+                    if progress is not None:
+                        progress(int(reply.index), int(reply.progress.done), int(reply.progress.total))
+                    continue
+                latency = time.perf_counter() - sent.get(reply.index, time.perf_counter())
+                if kind == "result":
+                    yield _explanation(reply.result, latency, int(reply.index))
+                else:
+                    yield RemoteError(reply.error.code_name, reply.error.message, int(reply.index), reply.request_id)
+        except self.grpc.RpcError as exc:
+            raise _remote_error(exc) from None
+        finally:
+            call.cancel()
+
+    # ---- models and health -------------------------------------------------------------
+    def list_models(self) -> list[dict]:
+        """The server's models: name, input_size, num_classes, backend, device."""
+        response = self._unary(self.stub.ListModels, self.pb.ListModelsRequest(), None)
+        return [{"name": m.name, "input_size": tuple(m.input_size), "num_classes": m.num_classes,
+                 "backend": m.backend, "device": m.device} for m in response.models]
+
+    def metadata(self, model: Optional[str] = None) -> dict:
+        """A model's inputs, outputs, activation layer, labels and methods (with parameter defaults) as a dict."""
+        from google.protobuf import json_format
+
+        response = self._unary(self.stub.GetModelMetadata,
+                               self.pb.GetModelMetadataRequest(model=model or self.model or ""), None)
+        out = json_format.MessageToDict(response, preserving_proto_field_name=True)
+        out["methods"] = {m.name: {p.name: json.loads(p.default_json) for p in m.parameters}
+                          for m in response.methods}
+        return out
+
+    def health(self, service: str = "") -> str:
+        """The standard health check: 'SERVING', 'NOT_SERVING' or 'SERVICE_UNKNOWN' ("" = the whole server)."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        try:
+            response = self._unary(stub.Check, health_pb2.HealthCheckRequest(service=service), None)
+        except RemoteError as exc:
+            if exc.code == "NOT_FOUND":
+                return "SERVICE_UNKNOWN"
+            raise
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def wait_until_serving(self, timeout: float = 30.0, service: str = "") -> None:
+        """Poll the health check until SERVING; raises RemoteError('UNAVAILABLE', ...) after ``timeout``."""
+        end = time.monotonic() + timeout
+        status = "UNREACHABLE"
+        while time.monotonic() < end:
+            try:
+                status = self.health(service)
+                if status == "SERVING":
+                    return
+            except RemoteError as exc:
+                status = exc.code
+            time.sleep(0.05)
+        raise RemoteError("UNAVAILABLE", f"{self.url} is not SERVING after {timeout} s (last status {status})")
+
+    # ---- plumbing ----------------------------------------------------------------------
+    def _unary(self, method, request, timeout: Optional[float]):
+        timeout = self.timeout if timeout is None else timeout
+        for attempt in range(self.retries + 1):
+            try:
+                return method(request, timeout=timeout)
+            except self.grpc.RpcError as exc:
+                if exc.code() == self.grpc.StatusCode.UNAVAILABLE and attempt < self.retries:
+                    delay = self.backoff * (2 ** attempt)
+                    log.info("event=retry code=UNAVAILABLE attempt=%d delay_s=%.3f", attempt + 1, delay)
+                    time.sleep(delay)
+                    continue
+                raise _remote_error(exc) from None
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _remote_error(exc) -> RemoteError:
+    code = exc.code()
+    return RemoteError(code.name if code is not None else "UNKNOWN", exc.details() or str(exc))

@@ -1,0 +1,1 @@
+"""Generated stubs, package layout mirroring the proto package explainrt.v1."""

@@ -1,0 +1,157 @@
+"""`explainrt serve` and `explainrt client` (registered through explainrt.cli.COMMAND_MODULES)."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+from ..errors import InvalidInputError, require
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers) -> None:
+    """Add the `serve` and `client` subcommands."""
+    from .config import ServerConfig  # light: no grpc import until a command runs
+
+    d = ServerConfig(models="")
+    p = subparsers.add_parser("serve", help="serve explanations over gRPC (health, reflection, Prometheus metrics)")
+    p.add_argument("--models", required=True, help="directory of exported .onnx models (name = file stem)")
+    p.add_argument("--host", default=d.host, help=f"address to bind (default {d.host}: every interface)")
+    p.add_argument("--port", type=int, default=d.port, help=f"gRPC port (default {d.port}; 0 picks a free one)")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this HTTP port")
+    p.add_argument("--workers", type=int, default=d.workers, help=f"explanations run at once (default {d.workers})")
+    p.add_argument("--queue-size", type=int, default=d.queue_size,
+                   help=f"requests that may wait for a worker; more get RESOURCE_EXHAUSTED (default {d.queue_size})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help=f"masked images per engine call (default {d.batch_size}); larger requests are chunked")
+    p.add_argument("--backend", default=d.backend, choices=("onnxruntime", "torch", "tensorrt"))
+    p.add_argument("--device", default=d.device, choices=("cpu", "cuda"))
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per model")
+    p.add_argument("--ort-spinning", action="store_true",
+                   help="let ONNX Runtime threads busy-wait between runs (default off: they starve the server's "
+                        "other threads on small machines)")
+    p.add_argument("--max-message-mib", type=int, default=d.max_receive_mib,
+                   help=f"largest request in MiB (default {d.max_receive_mib}: a 4K PNG or raw RGB image fits)")
+    p.add_argument("--grace", type=float, default=d.grace_s,
+                   help=f"seconds in-flight requests get to finish on SIGTERM (default {d.grace_s:g})")
+    p.add_argument("--log-format", default="kv", choices=("kv", "json"), help="structured log lines (default kv)")
+    p.set_defaults(func=cmd_serve)
+
+    p = subparsers.add_parser("client", help="explain images on a running server (writes what `explain` writes)")
+    p.add_argument("images", nargs="*", help="image files")
+    p.add_argument("--url", required=True, help="server address HOST:PORT")
+    p.add_argument("--model", default=None, help="model name (default: the server's only model)")
+    p.add_argument("--method", default="all", help="sidu|scorecam|rise|fem|featurecam|all, or a comma list")
+    p.add_argument("-o", "--output", default="out", help="output directory (default: out)")
+    p.add_argument("--target", type=int, default=None, help="class to explain (default: the top-1 class)")
+    p.add_argument("-p", "--param", action="append", metavar="NAME=VALUE",
+                   help="method parameter, repeatable (e.g. -p n_masks=2000); see `explainrt methods`")
+    p.add_argument("--timeout", type=float, default=None, help="seconds for the whole run (default: none)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per result")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--list-models", action="store_true", help="print the server's models and exit")
+    p.add_argument("--health", action="store_true", help="print the server's health status and exit")
+    p.set_defaults(func=cmd_client)
+
+
+def cmd_serve(args) -> int:
+    require("grpc", "serve", "`explainrt serve`")
+    from . import logs
+    from .app import ExplainServer
+    from .config import ServerConfig
+
+    logs.configure(args.log_format, logging.INFO)
+    for name, value in (("--workers", args.workers), ("--queue-size", args.queue_size),
+                        ("--batch-size", args.batch_size), ("--max-message-mib", args.max_message_mib)):
+        if value < 1:
+            raise InvalidInputError(f"{name} must be at least 1, got {value}")
+    config = ServerConfig(models=args.models, host=args.host, port=args.port, metrics_port=args.metrics_port,
+                          workers=args.workers, queue_size=args.queue_size, batch_size=args.batch_size,
+                          backend=args.backend, device=args.device, threads=args.threads,
+                          ort_spinning=args.ort_spinning,
+                          max_receive_mib=args.max_message_mib, max_send_mib=max(args.max_message_mib, 256),
+                          grace_s=args.grace)
+    server = ExplainServer(config)
+    server.install_signal_handlers()
+    server.start(load=False)
+    print(f"explainrt serve: listening on {args.host}:{server.port}"
+          + (f", metrics on :{server.metrics_port}/metrics" if server.metrics_port else ""), flush=True)
+    try:
+        names = server.load_models()
+    except Exception:
+        server.stop(grace=0)
+        raise
+    print(f"explainrt serve: serving {', '.join(names)}", flush=True)
+    while not server.wait(timeout=1.0):
+        pass
+    return 0
+
+
+def cmd_client(args) -> int:
+    require("grpc", "serve", "`explainrt client`")
+    from ..cli import ProgressBar, _method_params, parse_params
+    from ..client import ExplainClient, RemoteError
+    from ..imaging import read_image
+    from ..outputs import dumps, parse_methods, result_line, result_record, write_result_files
+
+    with ExplainClient(args.url, timeout=args.timeout, model=args.model) as client:
+        if args.health:
+            print(client.health(args.model or ""))
+            return 0
+        if args.list_models:
+            for model in client.list_models():
+                print(f"{model['name']:<24} {model['input_size'][0]}x{model['input_size'][1]} "
+                      f"{model['num_classes']} classes ({model['backend']}, {model['device']})")
+            return 0
+        if not args.images:
+            raise InvalidInputError("give one or more image files (or --list-models / --health)")
+        if args.target is not None and args.target < 0:
+            raise InvalidInputError(f"--target must be a class index >= 0, got {args.target}")
+        methods = parse_methods(args.method)
+        params = parse_params(args.param)
+        for path in args.images:
+            if not os.path.isfile(path):
+                raise InvalidInputError(f"image file not found: {path}")
+        jobs = [(path, method) for path in args.images for method in methods]
+        requests = ({"image": path, "method": method, "target": args.target,
+                     "params": _method_params(params, method), "request_id": f"{os.path.basename(path)}:{method}"}
+                    for path, method in jobs)
+        show_bar = not args.no_progress
+        bars: dict[int, ProgressBar] = {}
+
+        def progress(index: int, done: int, total: int) -> None:
+            path, method = jobs[index]
+            bar = bars.setdefault(index, ProgressBar(f"{os.path.basename(path)} {method}", show_bar))
+            bar(done, total)
+
+        failures = 0
+        originals: dict[str, object] = {}
+        t_start = time.perf_counter()
+        for item in client.stream(requests, progress=progress, timeout=args.timeout):
+            if item.index in bars:
+                bars.pop(item.index).close()
+            path, method = jobs[item.index]
+            if isinstance(item, RemoteError):
+                if len(jobs) == 1:
+                    raise item
+                print(f"explainrt: error: {path} ({method}): {item}", file=sys.stderr)
+                failures += 1
+                continue
+            stem = os.path.splitext(os.path.basename(path))[0]
+            if path not in originals:
+                originals[path] = read_image(path)
+            files = write_result_files(args.output, stem, method, item.saliency.astype("float32"), originals[path],
+                                       item.visualization)
+            if args.json:
+                print(dumps(result_record(path, method, item.target, item.label, item.probability,
+                                          item.forward_passes, item.latency_s, files,
+                                          [[c, round(p, 6)] for c, p in item.top_k(5)])))
+            else:
+                print(result_line(stem, method, item.target, item.label, item.probability, item.forward_passes,
+                                  item.latency_s, files))
+        log.info("event=client_done items=%d failures=%d seconds=%.3f", len(jobs), failures,
+                 time.perf_counter() - t_start)
+    return 1 if failures else 0
+

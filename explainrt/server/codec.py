@@ -1,0 +1,52 @@
+"""NumPy arrays ⇄ ``explainrt.v1.Tensor`` messages (raw bytes + dtype + shape), shared by server and client."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..errors import InvalidInputError
+from ..proto.explainrt.v1 import explainrt_pb2 as pb
+
+# Little-endian on the wire whatever the host is.
+DTYPES = {pb.UINT8: np.dtype("u1"), pb.FLOAT16: np.dtype("<f2"), pb.FLOAT32: np.dtype("<f4")}
+DTYPE_NAMES = {pb.UINT8: "uint8", pb.FLOAT16: "float16", pb.FLOAT32: "float32"}
+_BY_NAME = {name: code for code, name in DTYPE_NAMES.items()}
+
+
+def dtype_code(name: str) -> int:
+    """``"float16"`` → ``pb.FLOAT16`` (and so on); raises InvalidInputError for other names."""
+    try:
+        return _BY_NAME[np.dtype(name).name]
+    except (TypeError, KeyError):
+        raise InvalidInputError(f"dtype must be one of {', '.join(_BY_NAME)}, got {name!r}") from None
+
+
+def array_to_tensor(array: np.ndarray, dtype: int | None = None) -> pb.Tensor:
+    """Encode ``array`` (converted to ``dtype``, a ``pb.DataType``, when given) as a Tensor message."""
+    if dtype is None:
+        dtype = dtype_code(array.dtype.name)
+    if dtype not in DTYPES:
+        raise InvalidInputError(f"cannot encode dtype {dtype!r}; use uint8, float16 or float32")
+    data = np.ascontiguousarray(array, dtype=DTYPES[dtype])
+    return pb.Tensor(data=data.tobytes(), dtype=dtype, shape=list(data.shape))
+
+
+def tensor_to_array(tensor: pb.Tensor, name: str = "tensor", allowed: tuple = tuple(DTYPES)) -> np.ndarray:
+    """Decode a Tensor message to a (read-only) NumPy array, checking dtype, shape and byte count."""
+    if tensor.dtype not in allowed:
+        allowed_names = ", ".join(DTYPE_NAMES[d] for d in allowed)
+        raise InvalidInputError(
+            f"{name}: dtype {pb.DataType.Name(tensor.dtype) if tensor.dtype in pb.DataType.values() else tensor.dtype} "
+            f"is not accepted here; use one of {allowed_names}"
+        )
+    shape = tuple(int(d) for d in tensor.shape)
+    if not shape or any(d < 1 for d in shape):
+        raise InvalidInputError(f"{name}: shape must be non-empty with every dimension >= 1, got {list(shape)}")
+    dtype = DTYPES[tensor.dtype]
+    expected = math.prod(shape) * dtype.itemsize
+    if len(tensor.data) != expected:
+        raise InvalidInputError(
+            f"{name}: shape {list(shape)} of {dtype.name} needs {expected} bytes, but data holds {len(tensor.data)}"
+        )
+    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)

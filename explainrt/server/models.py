@@ -1,0 +1,122 @@
+"""The models a server holds: every exported ``*.onnx`` in one directory, named by file stem."""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import logging
+import os
+import threading
+import time
+from typing import Optional
+
+from ..api import Explainer
+from ..errors import ExplainRTError, InvalidInputError, ModelError
+from .logs import log_event
+
+log = logging.getLogger(__name__)
+
+
+class ModelNotFound(ExplainRTError):
+    """The request names a model the server does not have (→ NOT_FOUND)."""
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model ready to serve: its name, file and the explainer that runs it."""
+
+    name: str
+    path: str
+    explainer: Explainer
+    #: Held around each explanation when the engine may not take concurrent calls (see ``engine_lock``).
+    lock: Optional[threading.Lock] = None
+
+    @property
+    def metadata(self):
+        return self.explainer.metadata
+
+
+def engine_lock(explainer: Explainer) -> Optional[threading.Lock]:
+    """A lock for engines that may not run calls from several workers at once, else None.
+
+    ONNX Runtime sessions are thread-safe (CPU and CUDA providers), so workers share them freely.
+    A TensorRT execution context or a torch CUDA engine with its own stream and buffers is not
+    assumed to be: its explanations run one at a time (each is already a large batched loop).
+    """
+    return None if explainer.engine.backend == "onnxruntime" else threading.Lock()
+
+
+class ModelRepository:
+    """Loads every exported model of ``directory`` (files without explainrt metadata are skipped).
+
+    ``engine_options`` go to ``Explainer`` (backend, device, threads, ...); ``batch_size`` is the
+    number of masked images per engine call.
+    """
+
+    def __init__(self, directory: str, batch_size: int = 64, **engine_options):
+        if not os.path.isdir(directory):
+            raise ModelError(f"model directory not found: {directory}; pass --models DIR with exported .onnx files")
+        self.directory = directory
+        self.batch_size = int(batch_size)
+        self.engine_options = engine_options
+        self._models: dict[str, LoadedModel] = {}
+        self._lock = threading.Lock()
+        self.ready = False
+
+    def candidates(self) -> list[str]:
+        """Model names (file stems) in the directory, sorted."""
+        return [os.path.splitext(os.path.basename(p))[0]
+                for p in sorted(glob.glob(os.path.join(self.directory, "*.onnx")))]
+
+    def load_all(self) -> list[str]:
+        """Load every model of the directory; returns the names loaded. Raises if none loads."""
+        skipped = []
+        for name in self.candidates():
+            path = os.path.join(self.directory, name + ".onnx")
+            t0 = time.perf_counter()
+            try:
+                explainer = Explainer(path, batch_size=self.batch_size, max_batch=self.batch_size,
+                                      **self.engine_options)
+            except ModelError as exc:
+                skipped.append(name)
+                log_event(log, "model_skipped", logging.WARNING, model=name, path=path, reason=str(exc))
+                continue
+            with self._lock:
+                self._models[name] = LoadedModel(name, path, explainer, engine_lock(explainer))
+            meta = explainer.metadata
+            log_event(log, "model_loaded", model=name, path=path, backend=explainer.engine.backend,
+                      device=explainer.engine.device, input=f"{meta.input_size[0]}x{meta.input_size[1]}",
+                      classes=meta.num_classes, seconds=round(time.perf_counter() - t0, 3))
+        if not self._models:
+            raise ModelError(
+                f"no exported model could be loaded from {self.directory}"
+                + (f" (skipped: {', '.join(skipped)})" if skipped else " (no *.onnx files)")
+                + "; export one with `explainrt export ... -o DIR/NAME.onnx`"
+            )
+        self.ready = True
+        return self.names()
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._models)
+
+    def get(self, name: Optional[str]) -> LoadedModel:
+        """The model called ``name``; an empty name picks the only model when there is exactly one."""
+        with self._lock:
+            if not name:
+                if len(self._models) == 1:
+                    return next(iter(self._models.values()))
+                raise InvalidInputError(
+                    f"name a model: this server has {len(self._models)} ({', '.join(sorted(self._models)) or 'none'})")
+            model = self._models.get(name)
+            if model is None:
+                raise ModelNotFound(
+                    f"unknown model {name!r}; this server has: {', '.join(sorted(self._models)) or 'none'} "
+                    "(see ListModels)")
+            return model
+
+    def close(self) -> None:
+        with self._lock:
+            for model in self._models.values():
+                model.explainer.close()
+            self._models.clear()
+            self.ready = False

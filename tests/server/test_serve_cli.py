@@ -1,0 +1,85 @@
+"""`explainrt client` writes what `explainrt explain` writes; `serve`/`client` parse their options."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from explainrt.cli import build_parser, main
+
+
+def _files(directory) -> list[str]:
+    return sorted(os.listdir(directory))
+
+
+def test_client_writes_the_same_files_as_explain(server, model_dir, png_path, tmp_path, capsys):
+    local_dir, remote_dir = tmp_path / "local", tmp_path / "remote"
+    methods = "fem,scorecam,featurecam"
+    assert main(["explain", png_path, "--model", os.path.join(model_dir, "tiny.onnx"), "--method", methods,
+                 "-o", str(local_dir), "--no-progress", "--json"]) == 0
+    local_lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert main(["client", png_path, "--url", f"127.0.0.1:{server.port}", "--model", "tiny", "--method", methods,
+                 "-o", str(remote_dir), "--no-progress", "--json"]) == 0
+    remote_lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert _files(local_dir) == _files(remote_dir) == [
+        "picture.featurecam.npy", "picture.featurecam.png", "picture.featurecam.vis.png",
+        "picture.fem.npy", "picture.fem.png", "picture.scorecam.npy", "picture.scorecam.png"]
+    for name in _files(local_dir):
+        if name.endswith(".npy"):
+            np.testing.assert_allclose(np.load(remote_dir / name), np.load(local_dir / name), atol=1e-6)
+        else:
+            assert (remote_dir / name).read_bytes() == (local_dir / name).read_bytes(), name
+    for local, remote in zip(local_lines, remote_lines):
+        for key in ("image", "method", "target", "label", "forward_passes", "top_k"):
+            assert remote[key] == local[key], key
+        assert remote["probability"] == pytest.approx(local["probability"], abs=1e-6)
+        assert remote["files"] == {k: v.replace(str(local_dir), str(remote_dir)) for k, v in local["files"].items()}
+
+
+def test_client_line_output_and_per_item_errors(server, png_path, tmp_path, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    code = main(["client", png_path, str(bad), "--url", f"127.0.0.1:{server.port}", "--model", "tiny",
+                 "--method", "fem", "-o", str(tmp_path / "out"), "--no-progress"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert out.startswith("picture: class-") and "fem: 1 forward passes" in out
+    assert "bad.png (fem): INVALID_ARGUMENT" in err and "could not decode" in err
+
+
+def test_client_single_failure_exits_2_and_list_models(server, png_path, tmp_path, capsys):
+    assert main(["client", png_path, "--url", f"127.0.0.1:{server.port}", "--model", "nope", "--method", "fem",
+                 "-o", str(tmp_path), "--no-progress"]) == 2
+    assert "NOT_FOUND: unknown model 'nope'" in capsys.readouterr().err
+    assert main(["client", "--url", f"127.0.0.1:{server.port}", "--list-models"]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in listing] == ["tiny", "tiny2"]
+    assert main(["client", "--url", f"127.0.0.1:{server.port}", "--health"]) == 0
+    assert capsys.readouterr().out.strip() == "SERVING"
+
+
+def test_serve_options_and_their_defaults():
+    args = build_parser().parse_args(["serve", "--models", "m", "--port", "0", "--metrics-port", "9100",
+                                      "--workers", "3", "--queue-size", "5", "--batch-size", "32"])
+    assert (args.port, args.metrics_port, args.workers, args.queue_size, args.batch_size) == (0, 9100, 3, 5, 32)
+    defaults = build_parser().parse_args(["serve", "--models", "m"])
+    assert (defaults.port, defaults.workers, defaults.queue_size, defaults.max_message_mib) == (50051, 2, 64, 64)
+
+
+@pytest.fixture
+def restore_logging():
+    """`serve` installs its structured log handler on the root logger; put pytest's back afterwards."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_serve_rejects_a_directory_without_models(tmp_path, capsys, restore_logging):
+    assert main(["serve", "--models", str(tmp_path), "--host", "127.0.0.1", "--port", "0"]) == 2
+    assert "no exported model could be loaded" in capsys.readouterr().err
