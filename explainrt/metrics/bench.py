@@ -162,6 +162,26 @@ def describe_machine() -> dict:
             "libraries": library_versions()}
 
 
+#: photographs that ship with scikit-image (no download); "motorcycle_left" is stereo_motorcycle's left view
+SAMPLE_IMAGES = ("chelsea", "coffee", "astronaut", "rocket", "motorcycle_left", "retina")
+
+
+def sample_image(name: str) -> np.ndarray:
+    """A scikit-image photograph by name as RGB uint8 (H, W, 3)."""
+    from ..errors import InvalidInputError, require
+
+    data = require("skimage.data", "demo", f"the scikit-image photograph {name!r}")
+    loader = getattr(data, "stereo_motorcycle" if name == "motorcycle_left" else name, None)
+    if loader is None or not callable(loader) or name.startswith("_"):
+        raise InvalidInputError(f"{name!r} is neither a file nor a scikit-image photograph (e.g. {', '.join(SAMPLE_IMAGES)})")
+    img = loader()
+    img = img[0] if isinstance(img, tuple) else img
+    if not isinstance(img, np.ndarray) or img.ndim not in (2, 3):
+        raise InvalidInputError(f"scikit-image's {name!r} is not a photograph")
+    img = np.repeat(img[:, :, None], 3, axis=2) if img.ndim == 2 else img[:, :, :3]
+    return np.ascontiguousarray(img.astype(np.uint8))
+
+
 def time_explain(explainer, image, method: str, params: Optional[dict] = None, warmup: int = 1,
                  repeat: int = 5) -> LatencyStats:
     """Warm up, then time ``repeat`` calls of ``explainer.explain(image, method, **params)``."""

@@ -94,17 +94,9 @@ def _bench_image(spec: str):
     """A file path, or the name of a scikit-image photograph (e.g. chelsea)."""
     if os.path.isfile(spec):
         return spec
-    from ..errors import require
+    from .bench import sample_image
 
-    data = require("skimage.data", "demo", f"the scikit-image photograph {spec!r}")
-    loader = getattr(data, spec, None)
-    if loader is None or not callable(loader):
-        raise InvalidInputError(f"--image {spec!r} is neither a file nor a scikit-image photograph (e.g. chelsea)")
-    img = loader()
-    img = img[0] if isinstance(img, tuple) else img
-    import numpy as np
-
-    return np.repeat(img[:, :, None], 3, axis=2) if img.ndim == 2 else np.ascontiguousarray(img[:, :, :3])
+    return sample_image(spec)
 
 
 def _compare(args, model_path: str, image, methods: list, rows: list, threads) -> list:
