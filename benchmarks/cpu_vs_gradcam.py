@@ -71,8 +71,6 @@ def main() -> int:
 
         model, layer = zoo_torch_model("efficientnet-lite0")
         target = ours_maps["scorecam"].target
-        with torch.no_grad():  # warm torch up with one batch the size of theirs
-            model(torch.zeros(args.peer_batch_size, 3, 224, 224))
         peer = next(p for p in PEERS if p.name == "grad-cam ScoreCAM")
         theirs = time_peer(peer, model, layer, x, target, batch_size=args.peer_batch_size, warmup=0,
                            repeat=args.peer_repeat)

@@ -4,9 +4,9 @@ Each configuration is warmed up, then timed over repeated ``Explainer.explain`` 
 (end to end: preprocessing, base pass, masked passes, weighting). Percentiles use linear
 interpolation, so with few runs p99 is close to the slowest run. Memory is the peak resident
 set size sampled from /proc/self/statm every millisecond by a background thread during the
-timed runs, minus the RSS before them (ONNX Runtime allocates outside Python, so tracemalloc
-would miss it); ``ru_maxrss`` (the process high-water mark) is reported beside it. On systems
-without /proc only the ru_maxrss delta is available.
+timed runs (ONNX Runtime allocates outside Python, so tracemalloc would miss it), also as
+growth over the RSS before them; ``ru_maxrss`` growth (the process high-water mark) is
+reported beside it. On systems without /proc only the ru_maxrss growth is available.
 """
 from __future__ import annotations
 
@@ -43,8 +43,9 @@ class LatencyStats:
     warmup: int
     times_s: list
     forward_passes: int
-    peak_rss_mb: Optional[float]  # sampled peak RSS − RSS before, MiB
-    maxrss_delta_mb: float  # ru_maxrss growth during the runs, MiB
+    peak_rss_mb: Optional[float]  # sampled peak RSS of the process during the timed runs, MiB
+    rss_growth_mb: Optional[float]  # that peak − the RSS before the runs, MiB
+    maxrss_delta_mb: float  # ru_maxrss (high-water mark) growth during the runs, MiB
 
     def percentile(self, q: float) -> float:
         return float(np.percentile(self.times_s, q))
@@ -63,7 +64,7 @@ class LatencyStats:
                 "p99_s": self.percentile(99), "mean_s": float(np.mean(self.times_s)),
                 "min_s": float(np.min(self.times_s)), "forward_passes": self.forward_passes,
                 "passes_per_s": self.passes_per_s, "peak_rss_mb": self.peak_rss_mb,
-                "maxrss_delta_mb": self.maxrss_delta_mb, "times_s": list(self.times_s)}
+                "rss_growth_mb": self.rss_growth_mb, "maxrss_delta_mb": self.maxrss_delta_mb, "times_s": list(self.times_s)}
 
 
 def _rss_bytes() -> Optional[int]:
@@ -81,11 +82,17 @@ def _maxrss_bytes() -> int:
 
 
 class PeakMemory:
-    """Context manager: peak RSS growth (sampled) and ru_maxrss growth while it is open."""
+    """Context manager: peak RSS (sampled), its growth over the RSS at entry, ru_maxrss growth.
+
+    Memory freed by an earlier stage usually stays in the process (allocator caches), so the
+    growth shows only what a stage needed *beyond* what the process already held; the peak
+    is the absolute footprint.
+    """
 
     def __init__(self, interval_s: float = 0.001):
         self.interval_s = interval_s
         self.peak_mb: Optional[float] = None
+        self.growth_mb: Optional[float] = None
         self.maxrss_delta_mb = 0.0
         self._stop = threading.Event()
 
@@ -110,7 +117,9 @@ class PeakMemory:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-            self.peak_mb = max(0, max(self._peak, _rss_bytes() or 0) - self._start) / 2 ** 20
+            peak = max(self._peak, _rss_bytes() or 0)
+            self.peak_mb = peak / 2 ** 20
+            self.growth_mb = max(0, peak - self._start) / 2 ** 20
         self.maxrss_delta_mb = (_maxrss_bytes() - self._maxrss) / 2 ** 20
 
 
@@ -197,8 +206,12 @@ def time_explain(explainer, image, method: str, params: Optional[dict] = None, w
             times.append(time.perf_counter() - t0)
     engine = explainer.engine
     return LatencyStats(method, engine.backend, engine.device, explainer.batch_size, warmup, times,
-                        result.forward_passes, None if memory.peak_mb is None else round(memory.peak_mb, 1),
+                        result.forward_passes, _round(memory.peak_mb), _round(memory.growth_mb),
                         round(memory.maxrss_delta_mb, 1))
+
+
+def _round(value: Optional[float]) -> Optional[float]:
+    return None if value is None else round(value, 1)
 
 
 def run_bench(model_path: str, image, methods: Sequence[str], batch_sizes: Sequence[int],
@@ -228,12 +241,13 @@ def run_bench(model_path: str, image, methods: Sequence[str], batch_sizes: Seque
 def format_bench_table(rows: Sequence[LatencyStats]) -> str:
     """One line per configuration: percentiles, passes, passes/s, memory."""
     header = ["method", "backend", "device", "batch", "p50 s", "p90 s", "p99 s", "passes", "passes/s",
-              "peak RSS MiB", "maxrss Δ MiB"]
+              "peak RSS MiB", "RSS growth MiB", "maxrss Δ MiB"]
     body = []
     for r in rows:
         body.append([r.method, r.backend, r.device, str(r.batch_size), f"{r.p50:.4f}", f"{r.percentile(90):.4f}",
                      f"{r.percentile(99):.4f}", str(r.forward_passes), f"{r.passes_per_s:.1f}",
-                     "-" if r.peak_rss_mb is None else f"{r.peak_rss_mb:.1f}", f"{r.maxrss_delta_mb:.1f}"])
+                     "-" if r.peak_rss_mb is None else f"{r.peak_rss_mb:.0f}",
+                     "-" if r.rss_growth_mb is None else f"{r.rss_growth_mb:.1f}", f"{r.maxrss_delta_mb:.1f}"])
     return format_rows(header, body)
 
 

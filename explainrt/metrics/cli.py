@@ -107,10 +107,14 @@ def _compare(args, model_path: str, image, methods: list, rows: list, threads) -
     from ..errors import require
     from . import peers as pr
 
-    installed = [p for p in pr.PEERS if p.available()]
+    installed = []
     for peer in pr.PEERS:
-        if not peer.available():
-            print(f"compare: {peer.name} is not installed (pip install {peer.package}); skipped")
+        why = peer.missing()
+        if why is None:
+            installed.append(peer)
+        else:
+            print(f"compare: {peer.name} is not installed or does not import ({why}); "
+                  f"pip install {peer.package} to compare; skipped")
     if not args.zoo:
         print("compare: peers run on the framework model; use --zoo efficientnet-lite0 (not --model) to compare")
         return []
@@ -130,8 +134,8 @@ def _compare(args, model_path: str, image, methods: list, rows: list, threads) -
     explainer.close()
     results = []
     for peer in wanted:
-        theirs = pr.time_peer(peer, model, layer, x, target, batch_size=args.peer_batch_size, warmup=args.warmup,
-                              repeat=args.repeat)
+        theirs = pr.time_peer(peer, model, layer, x, target, batch_size=args.peer_batch_size, warmup=0,
+                              repeat=args.peer_repeat)
         their_p50 = float(np.median(theirs["times"]))
         for ours in (r for r in rows if r.method == peer.ours):
             results.append({"peer": peer.name, "note": peer.note, "peer_batch_size": args.peer_batch_size,
@@ -162,8 +166,8 @@ def cmd_bench(args) -> int:
 
     if bool(args.model) == bool(args.zoo):
         raise InvalidInputError("give either --model M.onnx or --zoo efficientnet-lite0")
-    if args.repeat < 1 or args.warmup < 0:
-        raise InvalidInputError("--repeat must be >= 1 and --warmup >= 0")
+    if args.repeat < 1 or args.warmup < 0 or args.peer_repeat < 1:
+        raise InvalidInputError("--repeat and --peer-repeat must be >= 1 and --warmup >= 0")
     methods = _check_methods(parse_methods(args.methods))
     params = _per_method_params(parse_params(args.param), methods)
     batch_sizes = _int_list(args.batch_sizes)
@@ -186,7 +190,7 @@ def cmd_bench(args) -> int:
         compare = _compare(args, model_path, image, methods, rows, args.threads) if args.compare else []
     print(bench.format_machine(machine))
     print(f"model: {args.model or args.zoo}, image: {args.image}, {args.warmup} warm-up + {args.repeat} timed runs, "
-          f"threads: {args.threads or 'ORT default'}; memory: peak RSS sampled from /proc/self/statm (and ru_maxrss Δ)")
+          f"threads: {args.threads or 'ORT default'}; memory: RSS sampled from /proc/self/statm every 1 ms (peak, growth over the start) and ru_maxrss Δ")
     print(bench.format_bench_table(rows))
     if compare:
         print()
@@ -233,6 +237,9 @@ def register(subparsers) -> None:
     p.add_argument("--compare", action="store_true",
                    help="also time installed peers (pytorch-grad-cam ScoreCAM/FEM, Captum Occlusion) on the torch model")
     p.add_argument("--peer-batch-size", type=int, default=32, help="peers' batch size (default 32)")
+    p.add_argument("--peer-repeat", type=int, default=1,
+                   help="timed runs per peer, after one warm-up batch (default 1: grad-cam ScoreCAM takes ~1 min "
+                        "on 2 cores)")
     _engine_arguments(p)
     p.set_defaults(func=cmd_bench)
 

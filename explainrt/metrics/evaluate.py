@@ -6,6 +6,7 @@ produce the JSON, CSV and curve plot of `explainrt eval`.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -17,9 +18,10 @@ from typing import Callable, Mapping, Optional, Sequence
 import numpy as np
 
 from ..errors import InvalidInputError, require
+from ..imaging import read_image
 from .base import format_rows
-from .explanation_map import DEFAULT_PERCENTILE, ExplanationMapScore, explanation_map_scores, summarise_explanation_maps
-from .insertion_deletion import DEFAULT_STEP, MODES, CausalCurve, insertion_deletion
+from .featurecam_scores import DEFAULT_PERCENTILE, ExplanationMapScore, explanation_map_scores, summarise_explanation_maps
+from .insertion_deletion import DEFAULT_STEP, MODES, CausalCurve, insertion_deletion_curves
 from .similarity import compare_maps, load_reference_map
 
 log = logging.getLogger(__name__)
@@ -111,27 +113,25 @@ def evaluate(explainer, images: Sequence[str], methods: Sequence[str], params: O
     """Explain each image with each method and score every map.
 
     ``params``: ``{method: {param: value}}``. ``reference_dir``: where ``<stem>.npy|.png``
-    reference maps are (images without one get no similarity scores). ``on_pair(image,
-    method)`` may return a progress callback for that explanation.
+    reference maps are (images without one get no similarity scores). ``on_pair(image stem,
+    stage)`` (stage: a method name, then "insertion/deletion") may return a progress callback
+    ``(done, total)`` for that stage; it is closed afterwards when it has ``close()``.
     """
     params = params or {}
     records = []
     for path in images:
         stem = os.path.splitext(os.path.basename(path))[0]
+        rgb = read_image(path)  # decoded once for every stage
         explained = {}
         for method in methods:
-            progress = on_pair(stem, method) if on_pair else None
             t0 = time.perf_counter()
-            try:
-                explained[method] = (explainer.explain(path, method, progress=progress, **params.get(method, {})),
-                                     time.perf_counter() - t0)
-            finally:
-                if hasattr(progress, "close"):
-                    progress.close()
+            with _progress(on_pair, stem, method) as progress:
+                result = explainer.explain(rgb, method, progress=progress, **params.get(method, {}))
+            explained[method] = (result, time.perf_counter() - t0)
         maps = {m: r.saliency for m, (r, _) in explained.items()}
-        curves = insertion_deletion(explainer, path, maps, step=step, modes=modes,
-                                    progress=on_pair(stem, "insertion/deletion") if on_pair else None)
-        map_scores = explanation_map_scores(explainer, path, maps, percentile=percentile)
+        with _progress(on_pair, stem, "insertion/deletion") as progress:
+            curves = insertion_deletion_curves(explainer, rgb, maps, step=step, modes=modes, progress=progress)
+        map_scores = explanation_map_scores(explainer, rgb, maps, percentile=percentile)
         reference = find_reference(reference_dir, path) if reference_dir else None
         ref_map = load_reference_map(reference) if reference else None
         for method, (result, seconds) in explained.items():
@@ -142,6 +142,28 @@ def evaluate(explainer, images: Sequence[str], methods: Sequence[str], params: O
                 similarity=compare_maps(result.saliency, ref_map) if ref_map is not None else None))
         log.info("evaluated %s with %s", stem, ", ".join(methods))
     return records
+
+
+@contextlib.contextmanager
+def _progress(on_pair, stem: str, what: str):
+    """The caller's progress callback for one stage, closed afterwards if it can be."""
+    progress = on_pair(stem, what) if on_pair else None
+    try:
+        yield progress
+    finally:
+        if hasattr(progress, "close"):
+            progress.close()
+
+
+def _json_safe(value):
+    """NaN/inf → None (JSON has no NaN; dashboards choke on it), recursively."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _by_method(records: Sequence[ImageEvaluation]) -> dict:
@@ -208,8 +230,8 @@ def write_json(path: str, records: Sequence[ImageEvaluation], summary: dict, cur
     """Everything: run info, per-method summary, mean curves, per-(image, method) records with curves."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as fh:
-        json.dump({**info, "summary": summary, "mean_curves": curves, "records": [r.to_dict() for r in records]},
-                  fh, indent=1, allow_nan=True)
+        report = {**info, "summary": summary, "mean_curves": curves, "records": [r.to_dict() for r in records]}
+        json.dump(_json_safe(report), fh, indent=1, allow_nan=False)
 
 
 def write_csv(path: str, records: Sequence[ImageEvaluation]) -> None:

@@ -128,7 +128,7 @@ class _CurveJob:
     n_points: int
 
 
-def insertion_deletion(model: ModelLike, image: ImageLike, saliency: Union[np.ndarray, Mapping, Sequence],
+def insertion_deletion_curves(model: ModelLike, image: ImageLike, saliency: Union[np.ndarray, Mapping, Sequence],
                        step: int = DEFAULT_STEP, modes: Sequence[str] = MODES, batch_size: Optional[int] = None,
                        target: Optional[int] = None, progress: Optional[ProgressFn] = None) -> dict:
     """Insertion/deletion curves of one image for one or several saliency maps.
@@ -217,10 +217,10 @@ def _run_jobs(engine, jobs: list, step: int, chw: tuple, bs: int, target: int,
 def deletion(model: ModelLike, image: ImageLike, saliency: np.ndarray, step: int = DEFAULT_STEP,
              batch_size: Optional[int] = None, target: Optional[int] = None) -> CausalCurve:
     """The deletion curve of one map (lower area: the map found what the model needs)."""
-    return insertion_deletion(model, image, saliency, step, ("deletion",), batch_size, target)["deletion"]
+    return insertion_deletion_curves(model, image, saliency, step, ("deletion",), batch_size, target)["deletion"]
 
 
 def insertion(model: ModelLike, image: ImageLike, saliency: np.ndarray, step: int = DEFAULT_STEP,
               batch_size: Optional[int] = None, target: Optional[int] = None) -> CausalCurve:
     """The insertion curve of one map (higher area: the map found what the model needs)."""
-    return insertion_deletion(model, image, saliency, step, ("insertion",), batch_size, target)["insertion"]
+    return insertion_deletion_curves(model, image, saliency, step, ("insertion",), batch_size, target)["insertion"]

@@ -10,6 +10,7 @@ is the same weighting).
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import importlib.util
 import logging
 import time
@@ -34,11 +35,18 @@ class Peer:
     note: str
     make: Callable  # (torch_model, target_layer, batch_size) -> run(input_tensor, target) -> (H, W) map
 
-    def available(self) -> bool:
+    def missing(self) -> Optional[str]:
+        """None when the peer imports, else why not (e.g. "No module named 'torchvision'")."""
+        if importlib.util.find_spec(self.module.split(".")[0]) is None:
+            return f"No module named '{self.module}'"
         try:
-            return importlib.util.find_spec(self.module) is not None
-        except (ImportError, ValueError):
-            return False
+            importlib.import_module(self.module)  # installed but broken (e.g. grad-cam without torchvision)
+        except Exception as exc:  # noqa: BLE001 - any import failure means "not usable here"
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    def available(self) -> bool:
+        return self.missing() is None
 
 
 def _gradcam(cls_name: str, **kwargs):
@@ -140,10 +148,16 @@ class PassCounter:
 
 def time_peer(peer: Peer, model, layer, x: np.ndarray, target: int, batch_size: int = 32,
               warmup: int = 1, repeat: int = 3) -> dict:
-    """Latencies (s), forward passes per call and the last map of ``peer`` on input x (1, 3, H, W)."""
+    """Latencies (s), forward passes per call and the last map of ``peer`` on input x (1, 3, H, W).
+
+    One plain forward of a ``batch_size`` batch warms torch up first (cheap), then ``warmup``
+    whole untimed runs (a pytorch-grad-cam ScoreCAM run takes about a minute on 2 cores).
+    """
     torch = require("torch", "export", "the torch peers")
     run = peer.make(model, layer, batch_size)
     tensor = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    with torch.no_grad():
+        model(tensor.expand(int(batch_size), *tensor.shape[1:]).contiguous())
     counter = PassCounter(model)
     try:
         for _ in range(warmup):

@@ -6,7 +6,7 @@ import pytest
 
 from metric_models import REGION, REGION_SCALE, sigmoid
 from explainrt import Explainer, InvalidInputError, load_engine
-from explainrt.metrics import area_under_curve, deletion, insertion, insertion_deletion, pixel_order
+from explainrt.metrics import area_under_curve, deletion, insertion, insertion_deletion_curves, pixel_order
 from explainrt.metrics.insertion_deletion import blur_substrate, rise_blur_kernel
 
 torch = pytest.importorskip("torch")
@@ -128,7 +128,7 @@ def test_batched_curves_match_naive_loop(tiny_model):
     x = rng.normal(size=(1, 3, 16, 16))
     maps = {"smooth": rng.random((16, 16)), "ties": np.round(rng.random((16, 16)) * 4) / 4}
     engine = load_engine(tiny_model, max_batch=16)
-    curves = insertion_deletion(Explainer(engine, batch_size=7), x.astype(np.float32), maps, step=10)
+    curves = insertion_deletion_curves(Explainer(engine, batch_size=7), x.astype(np.float32), maps, step=10)
     session = ort.InferenceSession(tiny_model, providers=["CPUExecutionProvider"])
     for name, sal in maps.items():
         for mode in ("insertion", "deletion"):
@@ -143,7 +143,7 @@ def test_saliency_resized_and_progress_counts_passes(tiny_model):
     x = np.random.default_rng(1).normal(size=(1, 3, 16, 16)).astype(np.float32)
     seen = []
     small = np.random.default_rng(2).random((8, 8)).astype(np.float32)
-    curves = insertion_deletion(tiny_model, x, small, step=64, batch_size=3, progress=lambda d, t: seen.append((d, t)))
+    curves = insertion_deletion_curves(tiny_model, x, small, step=64, batch_size=3, progress=lambda d, t: seen.append((d, t)))
     assert set(curves) == {"insertion", "deletion"}
     assert seen[0] == (0, 10) and seen[-1] == (10, 10)  # 2 curves × (256/64 + 1) points
 
@@ -155,4 +155,4 @@ def test_bad_arguments(tiny_model):
     with pytest.raises(InvalidInputError, match="2-D"):
         deletion(tiny_model, x, np.zeros((2, 16, 16)))
     with pytest.raises(InvalidInputError, match="modes"):
-        insertion_deletion(tiny_model, x, np.zeros((16, 16)), modes=("sideways",))
+        insertion_deletion_curves(tiny_model, x, np.zeros((16, 16)), modes=("sideways",))

@@ -1,6 +1,5 @@
 """`explainrt eval` and `explainrt bench` end to end (subprocess) on a tiny model."""
 import csv
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,7 +10,7 @@ import pytest
 
 from explainrt import Explainer
 from explainrt.imaging import write_png
-from explainrt.metrics import insertion_deletion
+from explainrt.metrics import insertion_deletion_curves
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -51,7 +50,7 @@ def test_eval_writes_table_json_csv_plot(tiny_model, image_dir, tmp_path):
     # The CLI's numbers are the API's.
     explainer = Explainer(tiny_model, batch_size=8)
     sal = explainer.explain(str(image_dir / "a.png"), "scorecam").saliency
-    curves = insertion_deletion(explainer, str(image_dir / "a.png"), sal, step=16)
+    curves = insertion_deletion_curves(explainer, str(image_dir / "a.png"), sal, step=16)
     assert rec["metrics"]["insertion_auc"] == pytest.approx(curves["insertion"].auc, abs=1e-9)
     assert rec["metrics"]["deletion_auc"] == pytest.approx(curves["deletion"].auc, abs=1e-9)
     summary = report["summary"]["fem"]
@@ -76,8 +75,10 @@ def test_bench_json_and_compare_without_torch_model(tiny_model, image_dir, tmp_p
                    "--batch-sizes", "4,8", "--repeat", "3", "--warmup", "1", "--json", str(out), "--compare",
                    "--no-progress")
     assert proc.returncode == 0, proc.stderr
-    if importlib.util.find_spec("pytorch_grad_cam") is None:
-        assert "grad-cam ScoreCAM is not installed" in proc.stdout
+    from explainrt.metrics.peers import PEERS
+
+    for peer in PEERS:
+        assert (f"{peer.name} is not installed" in proc.stdout) == (not peer.available())
     assert "use --zoo" in proc.stdout
     report = json.loads(out.read_text())
     assert [(r["method"], r["batch_size"]) for r in report["results"]] == [
@@ -92,3 +93,14 @@ def test_bench_json_and_compare_without_torch_model(tiny_model, image_dir, tmp_p
 def test_bench_needs_one_model():
     proc = run_cli("bench", "--methods", "fem")
     assert proc.returncode == 2 and "--model" in proc.stderr
+
+
+def test_metric_modules_keep_heavy_imports_lazy():
+    code = ("import sys, explainrt.cli, explainrt.metrics, explainrt.metrics.cli, explainrt.metrics.bench, "
+            "explainrt.metrics.evaluate, explainrt.metrics.peers, explainrt.metrics.sanity; "
+            "explainrt.cli.build_parser(); "
+            "print(sorted(m for m in ('torch', 'matplotlib', 'scipy', 'pytorch_grad_cam') if m in sys.modules))")
+    env = {**os.environ, "PYTHONPATH": REPO}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
