@@ -190,7 +190,9 @@ def cmd_bench(args) -> int:
         compare = _compare(args, model_path, image, methods, rows, args.threads) if args.compare else []
     print(bench.format_machine(machine))
     print(f"model: {args.model or args.zoo}, image: {args.image}, {args.warmup} warm-up + {args.repeat} timed runs, "
-          f"threads: {args.threads or 'ORT default'}; memory: RSS sampled from /proc/self/statm every 1 ms (peak, growth over the start) and ru_maxrss Δ")
+          f"threads: {args.threads or 'ORT default'}")
+    print("memory: RSS sampled from /proc/self/statm every 1 ms (peak; growth over the RSS before the runs) "
+          "and ru_maxrss growth")
     print(bench.format_bench_table(rows))
     if compare:
         print()
