@@ -15,7 +15,7 @@ from .errors import ExplainRTError, InvalidInputError
 log = logging.getLogger(__name__)
 
 # Modules that add their own subcommands with `register(subparsers)`; heavy imports stay lazy.
-COMMAND_MODULES: list[str] = ["explainrt.runtime.cli", "explainrt.server.cli"]
+COMMAND_MODULES: list[str] = ["explainrt.runtime.cli", "explainrt.server.cli", "explainrt.metrics.cli"]
 
 DEMO_IMAGES = ("chelsea", "coffee", "astronaut", "rocket")
 
