@@ -360,6 +360,7 @@ def test_featurecam_default_base_is_normalised_scorecam(explainer, reference, im
         ("featurecam", {"edges": "laplace"}, "edges"),
         ("featurecam", {"base": "sidu", "base_params": {"tau": 0.5}}, "tau"),
         ("featurecam", {"base": "rise", "base_params": {"p1": 0}}, "p1"),
+        ("featurecam", {"base_params": [1, 2]}, "base_params"),
     ],
 )
 def test_invalid_parameters_raise(explainer, image, method, params, name):
