@@ -23,8 +23,28 @@ Target = Union[None, int, Sequence[int]]
 ProgressFn = Callable[[int, int], None]
 
 
+class FirstTargetView:
+    """``saliency``/``target``/``label`` of the first requested class, for single-target use."""
+
+    saliency_maps: np.ndarray
+    targets: list
+    labels: list
+
+    @property
+    def saliency(self) -> np.ndarray:
+        return self.saliency_maps[0]
+
+    @property
+    def target(self) -> int:
+        return self.targets[0]
+
+    @property
+    def label(self) -> str:
+        return self.labels[0]
+
+
 @dataclasses.dataclass
-class Explanation:
+class Explanation(FirstTargetView):
     """The result of one explanation.
 
     ``saliency_maps`` holds one [0,1] float32 map (H, W at model input size) per target;
@@ -44,18 +64,6 @@ class Explanation:
     image: Optional[np.ndarray] = None  # original RGB uint8 when the input was an image
     visualization: Optional[np.ndarray] = None  # Feature CAM's RGB visualisation (H, W, 3)
     extras: dict = dataclasses.field(default_factory=dict)
-
-    @property
-    def saliency(self) -> np.ndarray:
-        return self.saliency_maps[0]
-
-    @property
-    def target(self) -> int:
-        return self.targets[0]
-
-    @property
-    def label(self) -> str:
-        return self.labels[0]
 
     def top_k(self, k: int = 5) -> list[tuple[int, float]]:
         """The k most probable classes of the original input as (class, probability)."""

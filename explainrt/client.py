@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
+from .api import FirstTargetView
 from .errors import ExplainRTError, InvalidInputError, require
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ class RemoteError(ExplainRTError):
 
 
 @dataclasses.dataclass
-class RemoteExplanation:
+class RemoteExplanation(FirstTargetView):
     """One explanation returned by the server (maps already decoded to NumPy)."""
 
     model: str
@@ -54,18 +55,6 @@ class RemoteExplanation:
     request_id: str = ""
     index: int = 0
     latency_s: float = 0.0  # end to end, measured by the client
-
-    @property
-    def saliency(self) -> np.ndarray:
-        return self.saliency_maps[0]
-
-    @property
-    def target(self) -> int:
-        return self.targets[0]
-
-    @property
-    def label(self) -> str:
-        return self.labels[0]
 
     @property
     def probability(self) -> float:

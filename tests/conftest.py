@@ -19,6 +19,14 @@ def tiny_cnn(num_classes: int = 5, seed: int = 0):
     ).eval()
 
 
+def unstrided_cnn(seed: int = 0):
+    """A 4-class CNN without stride (the explained activation keeps most of the input size)."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(6, 8, 3),
+                               torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                               torch.nn.Linear(8, 4)).eval()
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """(torch module, path of its explainrt export) for a 32×32, 5-class tiny CNN."""

@@ -67,6 +67,20 @@ class ModelMetadata:
             raise ModelError(f"the model's explainrt metadata is incomplete ({exc}); re-export it") from exc
 
 
+def load_onnx(path: str, what: str = "ONNX model"):
+    """``onnx.load`` with the project's errors: a missing or unreadable file is a ModelError."""
+    import os
+
+    import onnx
+
+    if not os.path.isfile(path):
+        raise ModelError(f"{what} not found: {path}")
+    try:
+        return onnx.load(path)
+    except Exception as exc:
+        raise ModelError(f"{path} is not a readable ONNX model: {exc}") from exc
+
+
 def write_metadata(model, meta: ModelMetadata) -> None:
     """Store ``meta`` in an ``onnx.ModelProto``'s metadata_props (replacing an older copy)."""
     for prop in list(model.metadata_props):

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 from ..errors import InvalidInputError, ModelError
 from .finalize import probe_and_store
-from .metadata import ModelMetadata
+from .metadata import ModelMetadata, load_onnx
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +80,7 @@ def expose_activation(src: str, dst: str, activation: Optional[str] = None,
     import onnx
     from onnx import helper, shape_inference
 
-    if not os.path.isfile(src):
-        raise ModelError(f"ONNX model not found: {src}")
-    try:
-        model = onnx.load(src)
-    except Exception as exc:
-        raise ModelError(f"{src} is not a readable ONNX model: {exc}") from exc
+    model = load_onnx(src)
     graph = model.graph
     inits = {i.name for i in graph.initializer}
     inputs = [i for i in graph.input if i.name not in inits]

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from typing import Optional, Sequence
 
 import numpy as np
 
 from ..errors import InvalidInputError, ModelError, require
-from ..export.metadata import ModelMetadata, read_metadata_props
+from ..export.metadata import ModelMetadata, load_onnx, read_metadata_props
 from .base import Engine, TensorInfo
 
 log = logging.getLogger(__name__)
@@ -39,7 +38,6 @@ class TorchEngine(Engine):
                  cuda_graphs: bool = False, tf32: bool = False, threads: Optional[int] = None,
                  metadata: Optional[ModelMetadata] = None):
         torch = require("torch", "export", "the torch engine")
-        import onnx
 
         from .onnx_torch import TorchGraph
 
@@ -54,12 +52,7 @@ class TorchEngine(Engine):
             if not torch.cuda.is_available():
                 raise ModelError("device='cuda' but torch sees no CUDA device (is this a CPU-only torch build?)")
             self.xp = self._cp
-        if not os.path.isfile(path):
-            raise ModelError(f"model file not found: {path}")
-        try:
-            model = onnx.load(path)
-        except Exception as exc:
-            raise ModelError(f"could not read the ONNX model {path}: {exc}") from exc
+        model = load_onnx(path, "model file")
         meta = metadata or read_metadata_props({p.key: p.value for p in model.metadata_props}, path)
         super().__init__(meta, max_batch)
         self.torch = torch

@@ -7,6 +7,7 @@ torch = pytest.importorskip("torch")
 from explainrt.explainers.base import Context, MaskPlan  # noqa: E402
 from explainrt.explainers.driver import run_masked_passes  # noqa: E402
 from explainrt.export import export_torch  # noqa: E402
+from tests.conftest import unstrided_cnn  # noqa: E402
 from explainrt.kernels import reference  # noqa: E402
 from explainrt.runtime.ort_engine import OnnxRuntimeEngine  # noqa: E402
 
@@ -15,10 +16,7 @@ H, W = 20, 18
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(6, 8, 3),
-                                torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-                                torch.nn.Linear(8, 4))
+    model = unstrided_cnn()
     path = str(tmp_path_factory.mktemp("driver") / "tiny.onnx")
     export_torch(model.eval(), path, input_size=(H, W))
     return OnnxRuntimeEngine(path, max_batch=64)

@@ -5,15 +5,13 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from explainrt.export import export_torch  # noqa: E402
+from tests.conftest import unstrided_cnn  # noqa: E402
 from explainrt.runtime.ort_engine import OnnxRuntimeEngine, run_with_binding  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(6, 8, 3),
-                                torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-                                torch.nn.Linear(8, 4))
+    model = unstrided_cnn()
     path = str(tmp_path_factory.mktemp("bind") / "tiny.onnx")
     export_torch(model.eval(), path, input_size=(12, 10))
     return OnnxRuntimeEngine(path, max_batch=4)
