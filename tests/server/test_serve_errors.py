@@ -58,7 +58,7 @@ BAD_REQUESTS = {
     "class too large": (_request(targets=[10]), "INVALID_ARGUMENT", "out of range"),
     "negative class": (_request(targets=[-1]), "INVALID_ARGUMENT", "out of range"),
     "parameter shape": (_request(method="featurecam", params={"base_params": "[1, 2]"}), "INVALID_ARGUMENT",
-                        "invalid parameters"),
+                        "base_params must be a mapping"),
     "edge model path": (_request(method="featurecam", params={"edges": "/tmp/hed.onnx"}), "INVALID_ARGUMENT",
                         "not offered"),
     "overlay of a tensor": (_request(image=np.zeros((3, *INPUT_HW), np.float32), output=pb.OutputOptions(
