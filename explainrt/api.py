@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from .errors import InvalidInputError
+from .errors import InvalidInputError, ModelError
 from .explainers import METHODS
 from .explainers.base import Context, minmax
 from .explainers.driver import run_masked_passes
@@ -63,6 +63,7 @@ class Explanation(FirstTargetView):
     labels: list[str]
     image: Optional[np.ndarray] = None  # original RGB uint8 when the input was an image
     visualization: Optional[np.ndarray] = None  # Feature CAM's RGB visualisation (H, W, 3)
+    base_saliency_maps: Optional[np.ndarray] = None  # Feature CAM's base map per target (T, H, W) in [0, 1]
     extras: dict = dataclasses.field(default_factory=dict)
 
     def top_k(self, k: int = 5) -> list[tuple[int, float]]:
@@ -117,7 +118,8 @@ class Explainer:
         k = probs.shape[0]
         if target is None:
             return [int(np.argmax(probs))]
-        items = [target] if np.isscalar(target) else list(target)
+        items = [target] if np.ndim(target) == 0 else list(target)
+        items = [t.item() if isinstance(t, np.ndarray) else t for t in items]
         if not items:
             raise InvalidInputError("target list is empty")
         out = []
@@ -148,6 +150,9 @@ class Explainer:
         x = xp.asarray(prep.x)
         base = self.engine.base_pass(x)
         probs = _host(xp, base.probs)
+        if not np.all(np.isfinite(probs)):
+            raise ModelError("the model returned NaN/Inf probabilities for this input; check the model and the "
+                             f"mean/std in its metadata (mean={self.metadata.mean}, std={self.metadata.std})")
         t2 = time.perf_counter()
         targets = self._targets(target, probs)
         rgb = denormalise(prep.x, self.metadata)
@@ -165,7 +170,8 @@ class Explainer:
             probs=probs.astype(np.float32), forward_passes=ctx.forward_passes,
             timings={"preprocess_s": t1 - t0, "base_pass_s": t2 - t1, "explain_s": t3 - t2, "total_s": t3 - t0},
             params={**algo.parameters(), **params}, labels=[self.metadata.label(t) for t in targets],
-            image=prep.original, visualization=_first(result.get("visualization")), extras=extras,
+            image=prep.original, visualization=_first(result.get("visualization")),
+            base_saliency_maps=result.get("base_saliency"), extras=extras,
         )
 
     def close(self) -> None:

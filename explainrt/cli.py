@@ -83,6 +83,8 @@ def _explain_images(args, images: list[str]) -> int:
 
     methods = parse_methods(args.method)
     params = parse_params(args.param)
+    for method in methods:  # unknown parameters fail before any image is read
+        method_params(params, method)
     explainer = Explainer(args.model, batch_size=args.batch_size, backend=args.backend, device=args.device,
                           **({"threads": args.threads} if args.threads else {}))
     show_bar = not args.no_progress
@@ -94,7 +96,7 @@ def _explain_images(args, images: list[str]) -> int:
             t0 = time.perf_counter()
             try:
                 result = explainer.explain(path, method, target=args.target, progress=bar,
-                                           **_method_params(params, method))
+                                           **method_params(params, method))
             except InvalidInputError as exc:
                 bar.close()
                 if len(images) == 1:
@@ -116,17 +118,24 @@ def _explain_images(args, images: list[str]) -> int:
     return 1 if failures else 0
 
 
-def _method_params(params: dict, method: str) -> dict:
-    """Keep only the -p parameters the method takes, so `--method all -p n_masks=…` works."""
+def method_params(params: dict, method: str) -> dict:
+    """The `-p` parameters that ``method`` takes, so `--method all -p n_masks=…` works.
+
+    ``method.name=value`` applies to one method only (e.g. `-p featurecam.k=0.5 -p fem.k=2`,
+    since Feature CAM's blend weight and FEM's k-sigma share the paper's name ``k``).
+    """
     from .explainers import METHODS
 
-    if method not in METHODS:
-        return params
-    known = METHODS[method].parameters()
-    picked = {k: v for k, v in params.items() if k in known}
-    unknown = [k for k in params if not any(k in cls.parameters() for cls in METHODS.values())]
-    if unknown:
-        raise InvalidInputError(f"unknown parameter(s) {', '.join(unknown)}; see `explainrt methods`")
+    known_anywhere = {name for cls in METHODS.values() for name in cls.parameters()}
+    picked = {}
+    for key, value in params.items():
+        scope, _, name = key.rpartition(".")
+        if scope and scope not in METHODS:
+            raise InvalidInputError(f"parameter {key!r}: unknown method {scope!r}; choose from {', '.join(METHODS)}")
+        if name not in (METHODS[scope].parameters() if scope else known_anywhere):
+            raise InvalidInputError(f"unknown parameter {key!r}; see `explainrt methods`")
+        if scope == method or (not scope and name in METHODS[method].parameters()):
+            picked[name] = value
     return picked
 
 
@@ -147,10 +156,10 @@ def cmd_methods(args) -> int:
 
 def cmd_demo(args) -> int:
     """Export EfficientNet-Lite0 (once), write scikit-image photographs, explain them with every method."""
-    from .errors import require
     from .imaging import write_png
 
-    data = require("skimage.data", "demo", "the demo images")
+    from .metrics.bench import sample_image
+
     os.makedirs(args.output, exist_ok=True)
     model = args.model
     if not os.path.isfile(model):
@@ -163,12 +172,7 @@ def cmd_demo(args) -> int:
     images = []
     for name in args.images:
         path = os.path.join(image_dir, f"{name}.png")
-        img = getattr(data, name)()
-        if img.ndim == 2:
-            import numpy as np
-
-            img = np.repeat(img[:, :, None], 3, axis=2)
-        write_png(path, img[:, :, :3])
+        write_png(path, sample_image(name))
         images.append(path)
     args.model = model
     return _explain_images(args, images)

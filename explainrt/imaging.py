@@ -35,6 +35,26 @@ def decode_image(data: bytes, name: str = "image") -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
+def peek_image_size(data: bytes) -> Optional[tuple[int, int]]:
+    """(H, W) read from a PNG or JPEG header without decoding; None for other formats or no header."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24 and data[12:16] == b"IHDR":
+        return int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
+    if data[:2] == b"\xff\xd8":
+        i = 2
+        while i + 9 <= len(data):
+            if data[i] != 0xFF:
+                return None
+            marker = data[i + 1]
+            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
+                i += 2
+                continue
+            length = int.from_bytes(data[i + 2:i + 4], "big")
+            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # start of frame
+                return int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
+            i += 2 + length
+    return None
+
+
 def read_image(path: Union[str, os.PathLike]) -> np.ndarray:
     """Read an image file to uint8 RGB (H, W, 3)."""
     path = os.fspath(path)

@@ -13,10 +13,16 @@ METHOD_ORDER = ("sidu", "scorecam", "rise", "fem", "featurecam")
 
 
 def parse_methods(spec: str) -> list[str]:
-    """'all' or a comma-separated list of method names (validated later by the explainer)."""
-    if spec == "all":
-        return list(METHOD_ORDER)
-    return [m.strip() for m in spec.split(",") if m.strip()]
+    """'all' or a comma-separated list of method names, checked before any work starts."""
+    from .errors import InvalidInputError
+    from .explainers import METHODS
+
+    methods = list(METHOD_ORDER) if spec == "all" else [m.strip() for m in spec.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise InvalidInputError(f"unknown method {', '.join(map(repr, unknown)) or '(none given)'}; "
+                                f"choose from {', '.join(METHODS)} or 'all'")
+    return methods
 
 
 def write_result_files(outdir: str, stem: str, method: str, saliency: np.ndarray, image: Optional[np.ndarray],

@@ -102,3 +102,42 @@ def test_unknown_backend(tiny_model):
 def test_bad_batch_size(tiny_model):
     with pytest.raises(InvalidInputError, match="batch_size"):
         Explainer(tiny_model[1], batch_size=0)
+
+
+def test_zero_dim_numpy_target(explainer, rgb_image):
+    assert explainer.explain(rgb_image, "fem", target=np.array(3)).target == 3
+
+
+def test_bad_normalisation_is_refused_at_export(tmp_path):
+    from explainrt.export import export_torch
+    from tests.conftest import tiny_cnn
+
+    with pytest.raises(ModelError, match="std must be positive"):
+        export_torch(tiny_cnn(), str(tmp_path / "m.onnx"), input_size=(32, 32), std=(0, 0, 0))
+    with pytest.raises(ModelError, match="mean must be 3 finite numbers"):
+        export_torch(tiny_cnn(), str(tmp_path / "m.onnx"), input_size=(32, 32), mean=(0, float("nan"), 0))
+
+
+def test_model_producing_nan_is_reported(tiny_model, rgb_image):
+    from explainrt.runtime.base import BasePass
+
+    engine = Explainer(tiny_model[1]).engine
+    real = engine.base_pass
+    engine.base_pass = lambda x: BasePass(np.full_like(real(x).probs, np.nan), None, real(x).activations)
+    with pytest.raises(ModelError, match="NaN/Inf probabilities"):
+        Explainer(engine).explain(rgb_image, "fem")
+
+
+def test_rise_grid_larger_than_the_image(explainer, rgb_image):
+    with pytest.raises(InvalidInputError, match="grid_size"):
+        explainer.explain(rgb_image, "rise", n_masks=4, grid_size=33)
+
+
+def test_non_rgb_torch_model_is_refused(tmp_path):
+    torch = pytest.importorskip("torch")
+    from explainrt.export import export_torch
+
+    grey = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    with pytest.raises(ModelError, match=r"does not run on a \(1, 3, 16, 16\) RGB batch"):
+        export_torch(grey, str(tmp_path / "g.onnx"), input_size=(16, 16))

@@ -116,3 +116,42 @@ def test_export_builtin_model_cli(tmp_path):
 def test_methods_lists_parameters():
     proc = run_cli("methods")
     assert "rise" in proc.stdout and "n_masks=4000" in proc.stdout and "threshold=0.5" in proc.stdout
+
+
+def test_scoped_parameters_reach_one_method(tiny_model, tmp_path):
+    """`fem.k` and `featurecam.k` are different parameters that share the paper's name."""
+    img = write_image(tmp_path / "a.png", random_rgb(32, 32))
+    out = tmp_path / "o"
+    run_cli("explain", "--model", tiny_model[1], img, "-o", str(out), "--method", "fem,featurecam",
+            "-p", "fem.k=2", "-p", "featurecam.k=0.5", "-p", "featurecam.base=fem")
+    from explainrt import Explainer
+
+    ex = Explainer(tiny_model[1])
+    np.testing.assert_allclose(np.load(out / "a.fem.npy"), ex.explain(img, "fem", k=2).saliency, atol=1e-6)
+    want = ex.explain(img, "featurecam", k=0.5, base="fem").saliency
+    np.testing.assert_allclose(np.load(out / "a.featurecam.npy"), want, atol=1e-6)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--method", "fem,bogus"], "unknown method 'bogus'"),
+    (["-p", "gradcam.k=1"], "unknown method 'gradcam'"),
+    (["-p", "fem.n_masks=3"], "unknown parameter 'fem.n_masks'"),
+])
+def test_methods_and_parameters_checked_before_any_image(tiny_model, tmp_path, args, message):
+    imgs = [write_image(tmp_path / f"{i}.png", random_rgb(32, 32, seed=i)) for i in range(2)]
+    out = tmp_path / "o"
+    proc = run_cli("explain", "--model", tiny_model[1], *imgs, "-o", str(out), *args, check=False)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert not out.exists()  # nothing ran
+
+
+def test_demo_unknown_image_name(tmp_path):
+    proc = run_cli("demo", "--images", "notanimage", "-o", str(tmp_path), "--model", str(tmp_path / "m.onnx"),
+                   check=False)
+    assert proc.returncode == 2 and "notanimage" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_export_missing_labels_file(tmp_path):
+    proc = run_cli("export", "--onnx", str(tmp_path / "x.onnx"), "--labels", str(tmp_path / "none.txt"),
+                   "-o", str(tmp_path / "y.onnx"), check=False)
+    assert proc.returncode == 2 and "labels file" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,6 +1,7 @@
 """RISE: Randomized Input Sampling for Explanation (seed 003; reference: the official RISE code)."""
 from __future__ import annotations
 
+from ..errors import InvalidInputError
 from ..kernels.reference import rise_grids
 from .base import Context, MaskPlan, Method, ScoreTable, check_range
 
@@ -21,6 +22,9 @@ class RiseExplainer(Method):
         self.seed = None if seed is None else check_range("seed", seed, low=0, kind=int)
 
     def plan(self, ctx: Context) -> MaskPlan:
+        if self.grid_size > min(ctx.input_hw):
+            raise InvalidInputError(f"parameter grid_size={self.grid_size} is larger than the model input "
+                                    f"{ctx.input_hw[0]}x{ctx.input_hw[1]}; use at most {min(ctx.input_hw)}")
         grids, offsets, full_hw = rise_grids(self.n_masks, self.grid_size, self.p1, ctx.input_hw, self.seed)
         xp = ctx.xp
         return MaskPlan(masks=xp.asarray(grids), border="reflect", full_hw=full_hw, offsets=xp.asarray(offsets))

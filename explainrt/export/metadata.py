@@ -8,12 +8,26 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Optional, Sequence
 
-from ..errors import ModelError
+from ..errors import InvalidInputError, ModelError
 
 METADATA_KEY = "explainrt"
 FORMAT_VERSION = 1
+
+
+def check_normalisation(mean, std, channels: int = 3) -> tuple[tuple, tuple]:
+    """Validate per-channel mean/std (finite, std > 0) and return them as float tuples."""
+    out = []
+    for key, values in (("mean", mean), ("std", std)):
+        values = tuple(values)
+        if len(values) != channels or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            raise ModelError(f"{key} must be {channels} finite numbers (RGB, 0-255 scale), got {values}")
+        out.append(tuple(float(v) for v in values))
+    if min(out[1]) <= 0:
+        raise ModelError(f"std must be positive for every channel, got {out[1]}")
+    return out[0], out[1]
 
 
 @dataclasses.dataclass
@@ -40,6 +54,9 @@ class ModelMetadata:
     name: Optional[str] = None
     source: Optional[str] = None
     format_version: int = FORMAT_VERSION
+
+    def __post_init__(self):
+        self.mean, self.std = check_normalisation(self.mean, self.std, self.channels)
 
     def label(self, index: int) -> str:
         """Human-readable name of class ``index`` (its number when no labels are known)."""
@@ -104,8 +121,11 @@ def read_metadata_props(props: dict, path: str = "the model") -> ModelMetadata:
 
 def load_labels(path: str) -> list[str]:
     """Read class labels, one per line (blank lines at the end ignored)."""
-    with open(path, encoding="utf-8") as fh:
-        labels = [line.rstrip("\n") for line in fh]
+    try:
+        with open(path, encoding="utf-8") as fh:
+            labels = [line.rstrip("\n") for line in fh]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(f"could not read the labels file {path}: {exc}") from exc
     while labels and not labels[-1].strip():
         labels.pop()
     return labels

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 from ..errors import InvalidInputError, ModelError
 from .finalize import probe_and_store
-from .metadata import ModelMetadata, load_onnx
+from .metadata import ModelMetadata, check_normalisation, load_onnx
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,7 @@ def expose_activation(src: str, dst: str, activation: Optional[str] = None,
     import onnx
     from onnx import helper, shape_inference
 
+    check_normalisation(mean, std)
     model = load_onnx(src)
     graph = model.graph
     inits = {i.name for i in graph.initializer}
@@ -92,6 +93,8 @@ def expose_activation(src: str, dst: str, activation: Optional[str] = None,
         raise ModelError(f"{src}: input '{inp.name}' has {len(dims)} dimensions; expected an NCHW image batch")
     if dims[1] != 3 and dims[3] == 3:
         raise ModelError(f"{src}: input '{inp.name}' looks NHWC {dims}; explainrt needs NCHW (N, 3, H, W)")
+    if dims[1] not in (3, None):
+        raise ModelError(f"{src}: input '{inp.name}' has {dims[1]} channels; explainrt explains RGB models (N, 3, H, W)")
     if input_size is None:
         if dims[2] is None or dims[3] is None:
             raise ModelError(f"{src}: the input's height/width are dynamic; give --input-size H W")

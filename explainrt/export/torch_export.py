@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 from ..errors import InvalidInputError, ModelError, require
 from .finalize import probe_and_store
-from .metadata import ModelMetadata
+from .metadata import ModelMetadata, check_normalisation
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +79,19 @@ def export_torch(model, path: str, input_size: Sequence[int] = (224, 224), layer
     scale. The batch axis is dynamic; opset ≥ 17.
     """
     torch = require("torch", "export", "exporting a torch model")
+    check_normalisation(mean, std)
     if opset < 17:
         raise InvalidInputError(f"opset must be >= 17, got {opset}")
     h, w = (int(input_size[0]), int(input_size[1]))
     model = model.eval()
     example = torch.zeros(1, 3, h, w)
     if layer is None:
-        layer, call_index = find_activation_layer(model, example)
+        try:
+            layer, call_index = find_activation_layer(model, example)
+        except ModelError:
+            raise
+        except Exception as exc:
+            raise ModelError(f"the model does not run on a (1, 3, {h}, {w}) RGB batch: {exc}") from exc
     else:
         modules = dict(model.named_modules())
         if layer not in modules:
@@ -93,8 +99,11 @@ def export_torch(model, path: str, input_size: Sequence[int] = (224, 224), layer
             raise InvalidInputError(f"model has no module named {layer!r}" + (f"; similar: {near}" if near else ""))
         call_index = -1
     wrapped = _wrap(model, layer, call_index).eval()
-    with torch.no_grad():
-        logits = wrapped(example)[0]
+    try:
+        with torch.no_grad():
+            logits = wrapped(example)[0]
+    except Exception as exc:  # a model that does not take (1, 3, H, W) images
+        raise ModelError(f"the model does not run on a (1, 3, {h}, {w}) RGB batch: {exc}") from exc
     if logits.dim() != 2:
         raise ModelError(f"the model's output has shape {tuple(logits.shape)}; expected logits (N, classes)")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -26,18 +26,9 @@ def _int_list(text: str) -> list[int]:
 
 
 def _per_method_params(params: dict, methods: list) -> dict:
-    from ..cli import _method_params
+    from ..cli import method_params
 
-    return {m: _method_params(params, m) for m in methods}
-
-
-def _check_methods(methods: list) -> list:
-    from ..explainers import METHODS
-
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise InvalidInputError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}")
-    return methods
+    return {m: method_params(params, m) for m in methods}
 
 
 def _engine_options(args) -> dict:
@@ -52,7 +43,7 @@ def cmd_eval(args) -> int:
     from ..outputs import parse_methods
     from . import evaluate as ev
 
-    methods = _check_methods(parse_methods(args.methods))
+    methods = parse_methods(args.methods)
     params = _per_method_params(parse_params(args.param), methods)
     if args.step < 1:
         raise InvalidInputError(f"--step must be at least 1 pixel, got {args.step}")
@@ -168,7 +159,7 @@ def cmd_bench(args) -> int:
         raise InvalidInputError("give either --model M.onnx or --zoo efficientnet-lite0")
     if args.repeat < 1 or args.warmup < 0 or args.peer_repeat < 1:
         raise InvalidInputError("--repeat and --peer-repeat must be >= 1 and --warmup >= 0")
-    methods = _check_methods(parse_methods(args.methods))
+    methods = parse_methods(args.methods)
     params = _per_method_params(parse_params(args.param), methods)
     batch_sizes = _int_list(args.batch_sizes)
     image = _bench_image(args.image)

@@ -15,6 +15,7 @@ from .metrics import ServerMetrics
 from .models import ModelRepository
 from .scheduler import Scheduler
 from .service import ExplainServicer, ServiceOptions
+from .tasks import RequestLimits
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,8 @@ class ExplainServer:
         self.metrics = ServerMetrics(lambda: self.scheduler.depth, lambda: self.scheduler.running)
         self.servicer = ExplainServicer(self.models, self.scheduler, self.metrics, ServiceOptions(
             max_response_bytes=config.max_send_mib * MIB, progress_interval_s=config.progress_interval_s,
-            stream_window=config.workers))
+            stream_window=config.workers,
+            limits=RequestLimits(config.max_masks, config.max_targets, config.max_pixels)))
         # Blocking Watch (one RPC thread per watcher): the library's non-blocking mode sends to
         # watchers under its lock, which deadlocks when a watcher disconnects during a status change
         # (grpc/grpc#43403 reworks that lock).

@@ -32,6 +32,12 @@ def register(subparsers) -> None:
     p.add_argument("--ort-spinning", action="store_true",
                    help="let ONNX Runtime threads busy-wait between runs (default off: they starve the server's "
                         "other threads on small machines)")
+    p.add_argument("--max-masks", type=int, default=d.max_masks,
+                   help=f"largest RISE n_masks per request (default {d.max_masks})")
+    p.add_argument("--max-targets", type=int, default=d.max_targets,
+                   help=f"most classes explained per request (default {d.max_targets})")
+    p.add_argument("--max-megapixels", type=float, default=d.max_pixels / 1e6,
+                   help=f"largest decoded image in megapixels (default {d.max_pixels / 1e6:.0f})")
     p.add_argument("--max-message-mib", type=int, default=d.max_receive_mib,
                    help=f"largest request in MiB (default {d.max_receive_mib}: a 4K PNG or raw RGB image fits)")
     p.add_argument("--grace", type=float, default=d.grace_s,
@@ -64,7 +70,9 @@ def cmd_serve(args) -> int:
 
     logs.configure(args.log_format, logging.INFO)
     for name, value in (("--workers", args.workers), ("--queue-size", args.queue_size),
-                        ("--batch-size", args.batch_size), ("--max-message-mib", args.max_message_mib)):
+                        ("--batch-size", args.batch_size), ("--max-message-mib", args.max_message_mib),
+                        ("--max-masks", args.max_masks), ("--max-targets", args.max_targets),
+                        ("--max-megapixels", args.max_megapixels)):
         if value < 1:
             raise InvalidInputError(f"{name} must be at least 1, got {value}")
     config = ServerConfig(models=args.models, host=args.host, port=args.port, metrics_port=args.metrics_port,
@@ -72,7 +80,8 @@ def cmd_serve(args) -> int:
                           backend=args.backend, device=args.device, threads=args.threads,
                           ort_spinning=args.ort_spinning,
                           max_receive_mib=args.max_message_mib, max_send_mib=max(args.max_message_mib, 256),
-                          grace_s=args.grace)
+                          max_masks=args.max_masks, max_targets=args.max_targets,
+                          max_pixels=int(args.max_megapixels * 1e6), grace_s=args.grace)
     server = ExplainServer(config)
     server.install_signal_handlers()
     server.start(load=False)
@@ -91,7 +100,7 @@ def cmd_serve(args) -> int:
 
 def cmd_client(args) -> int:
     require("grpc", "serve", "`explainrt client`")
-    from ..cli import ProgressBar, _method_params, parse_params
+    from ..cli import ProgressBar, method_params, parse_params
     from ..client import ExplainClient, RemoteError
     from ..imaging import read_image
     from ..outputs import dumps, parse_methods, result_line, result_record, write_result_files
@@ -116,7 +125,7 @@ def cmd_client(args) -> int:
                 raise InvalidInputError(f"image file not found: {path}")
         jobs = [(path, method) for path in args.images for method in methods]
         requests = ({"image": path, "method": method, "target": args.target,
-                     "params": _method_params(params, method), "request_id": f"{os.path.basename(path)}:{method}"}
+                     "params": method_params(params, method), "request_id": f"{os.path.basename(path)}:{method}"}
                     for path, method in jobs)
         show_bar = not args.no_progress
         bars: dict[int, ProgressBar] = {}

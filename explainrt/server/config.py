@@ -29,6 +29,9 @@ class ServerConfig:
     max_receive_mib: int = 64
     # Responses hold float maps (4K float32 is ~33 MB per target) and PNG overlays.
     max_send_mib: int = 256
+    max_masks: int = 20000  # largest RISE n_masks one request may ask for
+    max_targets: int = 16  # classes one request may explain
+    max_pixels: int = 64_000_000  # largest decoded image
     grace_s: float = 30.0  # SIGTERM: time for in-flight requests to finish
     progress_interval_s: float = 0.5
     keepalive_time_s: float = 30.0

@@ -172,9 +172,12 @@ class Scheduler:
     def shutdown(self, timeout: Optional[float] = None) -> bool:
         """Close, let the workers finish what is queued, and join them; True if all stopped in time."""
         self.close()
-        for _ in self._threads:
-            self._queue.put(_STOP)  # after every queued job: FIFO
         end = None if timeout is None else time.monotonic() + timeout
+        for _ in self._threads:  # after every queued job (FIFO); a full queue must not outlast the timeout
+            try:
+                self._queue.put(_STOP, timeout=None if end is None else max(0.001, end - time.monotonic()))
+            except queue.Full:
+                break
         for thread in self._threads:
             thread.join(None if end is None else max(0.0, end - time.monotonic()))
         alive = [t.name for t in self._threads if t.is_alive()]

@@ -21,7 +21,7 @@ from .logs import log_event
 from .metrics import ServerMetrics
 from .models import ModelNotFound, ModelRepository
 from .scheduler import DeadlineExceeded, Job, QueueFull, Scheduler, ShuttingDown
-from .tasks import ExplainTask, ResponseTooLarge, describe, parse_request, run_task
+from .tasks import ExplainTask, RequestLimits, ResponseTooLarge, describe, parse_request, run_task
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ class ServiceOptions:
     max_response_bytes: Optional[int] = None
     progress_interval_s: float = 0.5  # min seconds between two progress messages of one stream item
     stream_window: int = 4  # items of one stream in flight (queued or running) at a time
+    limits: RequestLimits = dataclasses.field(default_factory=RequestLimits)
 
 
 class _Item:
@@ -246,8 +247,16 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
         item.events.put(("result", response))
 
     # ---- models ------------------------------------------------------------------------
+    def _abort_unless_ready(self, rpc: str, context, t0: float) -> None:
+        """Model RPCs answer UNAVAILABLE (retried by clients) while the models load, not a partial answer."""
+        if not self.models.ready:
+            code, message = status_for(NotReady("the server is still loading its models; retry in a few seconds"))
+            self.metrics.observe(rpc, "", code.name, time.perf_counter() - t0)
+            context.abort(code, message)
+
     def ListModels(self, request, context):
         t0 = time.perf_counter()
+        self._abort_unless_ready("ListModels", context, t0)
         response = pb.ListModelsResponse()
         for name in self.models.names():
             model = self.models.get(name)
@@ -259,6 +268,7 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
 
     def GetModelMetadata(self, request, context):
         t0 = time.perf_counter()
+        self._abort_unless_ready("GetModelMetadata", context, t0)
         try:
             model = self.models.get(request.model)
         except (ModelNotFound, InvalidInputError) as exc:
@@ -275,7 +285,7 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
             raise NotReady("the server is still loading its models; retry in a few seconds (health: NOT_SERVING)")
         if not self.scheduler.accepting:
             raise ShuttingDown("the server is shutting down and takes no new requests; retry on another replica")
-        task = item.task = parse_request(item.request, self.models)
+        task = item.task = parse_request(item.request, self.models, self.options.limits)
         progress = self._progress(item, stream)
         limit = self.options.max_response_bytes
         item.job = Job(run=lambda job: run_task(task, progress, job.cancel, limit), deadline=deadline,

@@ -20,7 +20,7 @@ from ..cli import parse_params
 from ..errors import ExplainRTError, InvalidInputError
 from ..explainers import METHODS
 from ..explainers.featurecam import BUILTIN_EDGES
-from ..imaging import as_rgb_uint8, check_preprocessed, encode_png, resize_map
+from ..imaging import as_rgb_uint8, check_preprocessed, encode_png, peek_image_size, resize_map
 from ..proto.explainrt.v1 import explainrt_pb2 as pb
 from .codec import DTYPE_NAMES, array_to_tensor, tensor_to_array
 from .models import LoadedModel, ModelRepository
@@ -48,7 +48,31 @@ class ExplainTask:
     top_k: int = DEFAULT_TOP_K
 
 
-def parse_request(request: pb.ExplainRequest, models: ModelRepository) -> ExplainTask:
+@dataclasses.dataclass
+class RequestLimits:
+    """Per-request bounds, so that one request cannot take the whole server's memory or time."""
+
+    max_masks: int = 20000  # RISE n_masks (the papers use 4000-8000)
+    max_targets: int = 16  # classes explained in one request
+    max_pixels: int = 64_000_000  # decoded image size (a 4K image is 8.3 M)
+
+    def check(self, method: str, params: dict, targets, image) -> None:
+        if method == "rise" and int(params.get("n_masks", 0)) > self.max_masks:
+            raise InvalidInputError(f"n_masks={params['n_masks']} is over this server's limit of {self.max_masks}")
+        if len(targets) > self.max_targets:
+            raise InvalidInputError(f"{len(targets)} targets requested; this server explains at most "
+                                    f"{self.max_targets} classes per request")
+        if isinstance(image, np.ndarray):
+            size = image.shape[:2] if image.dtype == np.uint8 else None
+        else:
+            size = peek_image_size(image)
+        if size is not None and size[0] * size[1] > self.max_pixels:
+            raise InvalidInputError(f"the image is {size[1]}x{size[0]} pixels, over this server's limit of "
+                                    f"{self.max_pixels / 1e6:.0f} megapixels")
+
+
+def parse_request(request: pb.ExplainRequest, models: ModelRepository,
+                  limits: Optional[RequestLimits] = None) -> ExplainTask:
     """Validate ``request`` against the server's models; raises InvalidInputError / ModelNotFound."""
     model = models.get(request.model)
     meta = model.metadata
@@ -92,6 +116,7 @@ def parse_request(request: pb.ExplainRequest, models: ModelRepository) -> Explai
         raise InvalidInputError(
             "a preprocessed float32 tensor has no original image: ask for MAP_SIZE_MODEL_INPUT without an "
             "overlay, or send the image itself (encoded bytes or a uint8 H×W×3 tensor)")
+    (limits or RequestLimits()).check(method, params, list(request.targets), image)
     top_k = out.top_k if out.HasField("top_k") else DEFAULT_TOP_K
     if top_k < 0:
         raise InvalidInputError(f"output.top_k must be >= 0, got {top_k}")

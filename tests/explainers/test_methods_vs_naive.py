@@ -324,6 +324,7 @@ def test_featurecam_default_base_is_normalised_scorecam(explainer, reference, im
     for t in range(2):
         want = np.clip(0.25 * grey + naive.minmax(cams[t]), 0.0, 1.0)
         np.testing.assert_allclose(exp.raw_maps[t], want, atol=1e-4)
+        np.testing.assert_allclose(exp.base_saliency_maps[t], naive.minmax(cams[t]), atol=1e-4)
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,7 +35,9 @@ def start_server(models: str, **overrides):
     """A real server on 127.0.0.1 with a free port, models loaded, metrics on a free HTTP port."""
     from explainrt.server import ExplainServer, ServerConfig
 
-    options = dict(host="127.0.0.1", port=0, metrics_port=0, workers=2, queue_size=16, progress_interval_s=0.02)
+    # max_masks raised: the deadline/drain tests need RISE requests that run for seconds on a tiny model.
+    options = dict(host="127.0.0.1", port=0, metrics_port=0, workers=2, queue_size=16, progress_interval_s=0.02,
+                   max_masks=1_000_000, max_targets=4, max_pixels=40_000_000)
     options.update(overrides)
     load = options.pop("load", True)
     return ExplainServer(ServerConfig(models=models, **options)).start(load=load)

@@ -39,6 +39,15 @@ def _nan_input():
     return x
 
 
+def _png_header(height: int, width: int) -> bytes:
+    """The start of a PNG claiming a huge size: refused from its header, before any decoding."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+
+
 BAD_REQUESTS = {
     "corrupt image": (_request(image=b"\x89PNG\r\n\x1a\n garbage"), "INVALID_ARGUMENT", "could not decode"),
     "empty image bytes": (_request(image=b""), "INVALID_ARGUMENT", "is empty"),
@@ -67,6 +76,10 @@ BAD_REQUESTS = {
     "negative top_k": (_request(output=pb.OutputOptions(top_k=-1)), "INVALID_ARGUMENT", "top_k"),
     "no model name with two models": (_request(model=""), "INVALID_ARGUMENT", "name a model"),
     "unknown model": (_request(model="resnet"), "NOT_FOUND", "unknown model 'resnet'"),
+    "too many masks": (_request(method="rise", params={"n_masks": "2000000"}), "INVALID_ARGUMENT",
+                       "over this server's limit of 1000000"),
+    "too many targets": (_request(targets=[0, 1, 2, 0, 1]), "INVALID_ARGUMENT", "at most 4 classes"),
+    "PNG bomb": (_request(image=_png_header(9000, 5000)), "INVALID_ARGUMENT", "5000x9000 pixels"),
 }
 
 
