@@ -14,7 +14,7 @@ from .explainers import METHODS
 from .explainers.base import Context, minmax
 from .explainers.driver import run_masked_passes
 from .imaging import ImageLike, PreparedImage, denormalise, overlay, prepare_image
-from .kernels import get_ops
+from .kernels import get_ops, to_host
 from .runtime import Engine, load_engine
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ class Explainer:
         """Class probabilities (K,) of one image."""
         prep = self.prepare(image)
         base = self.engine.base_pass(self.xp.asarray(prep.x))
-        return _host(self.xp, base.probs)
+        return to_host(self.xp, base.probs)
 
     def _targets(self, target: Target, probs: np.ndarray) -> list[int]:
         k = probs.shape[0]
@@ -149,7 +149,7 @@ class Explainer:
         xp = self.xp
         x = xp.asarray(prep.x)
         base = self.engine.base_pass(x)
-        probs = _host(xp, base.probs)
+        probs = to_host(xp, base.probs)
         if not np.all(np.isfinite(probs)):
             raise ModelError("the model returned NaN/Inf probabilities for this input; check the model and the "
                              f"mean/std in its metadata (mean={self.metadata.mean}, std={self.metadata.std})")
@@ -162,7 +162,7 @@ class Explainer:
         result = algo.explain(ctx)
         raw = result.pop("raw")
         maps = raw if algo.normalised else minmax(raw, xp)
-        maps, raw = _host(xp, maps), _host(xp, raw)
+        maps, raw = to_host(xp, maps), to_host(xp, raw)
         t3 = time.perf_counter()
         extras = {k: v for k, v in ctx.extras.items() if isinstance(v, (int, float, str))}
         return Explanation(
@@ -182,10 +182,6 @@ class Explainer:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def _host(xp, arr) -> np.ndarray:
-    return xp.asnumpy(arr) if xp is not np else np.asarray(arr)
 
 
 def _first(visual):

@@ -16,6 +16,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..errors import ExplainRTError
+from ..kernels import to_host
 from .base import Context, MaskPlan, ScoreTable
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ class Cancelled(ExplainRTError):
 def dedupe_binary(xp, masks):
     """Distinct rows of binary masks in first-occurrence order: (unique_idx, inverse, counts)."""
     n = masks.shape[0]
-    flat = xp.asnumpy(masks.reshape(n, -1)) if xp is not np else masks.reshape(n, -1)
+    flat = to_host(xp, masks.reshape(n, -1))
     packed = np.packbits(flat.astype(bool), axis=1)
     _, first, inverse, counts = np.unique(packed, axis=0, return_index=True, return_inverse=True, return_counts=True)
     order = np.argsort(first, kind="stable")  # renumber rows by first occurrence
@@ -46,54 +47,49 @@ def run_masked_passes(ctx: Context, plan: MaskPlan, progress: Optional[ProgressF
     n = plan.count
     if plan.binary:
         first, inverse, counts = dedupe_binary(xp, plan.masks)
+        # A mask that is 1 everywhere leaves the input unchanged: its scores are the base pass's.
+        ones = to_host(xp, plan.masks[first].reshape(first.size, -1).min(axis=1)) >= 1.0
     else:
         first, inverse, counts = np.arange(n), np.arange(n), np.ones(n, np.int64)
-    todo = first
-    # A mask that is 1 everywhere leaves the input unchanged: its scores are the base pass's.
-    known = {}
-    if plan.binary and plan.shift is None and plan.scale is None and plan.offsets is None:
-        ones = xp.asnumpy(plan.masks[first].reshape(first.size, -1).min(axis=1)) if xp is not np else \
-            plan.masks[first].reshape(first.size, -1).min(axis=1)
-        for row in np.flatnonzero(ones >= 1.0):
-            known[int(row)] = True
-    rows_to_run = [r for r in range(first.size) if r not in known]
+        ones = np.zeros(n, dtype=bool)
+    run_rows = np.flatnonzero(~ones)
     want_logits = meta.logits_output is not None
     names = [meta.probs_output] + ([meta.logits_output] if want_logits else [])
-    k = int(ctx.base.probs.shape[0])
-    probs = xp.empty((first.size, k), dtype=xp.float32)
-    logits = xp.empty((first.size, k), dtype=xp.float32) if want_logits else None
-    for row in known:
-        probs[row] = ctx.base.probs
+    classes = int(ctx.base.probs.shape[0])
+    probs = xp.empty((first.size, classes), dtype=xp.float32)
+    logits = xp.empty((first.size, classes), dtype=xp.float32) if want_logits else None
+    if ones.any():
+        reused = xp.asarray(np.flatnonzero(ones))
+        probs[reused] = ctx.base.probs
         if want_logits:
-            logits[row] = ctx.base.logits
-    total = len(rows_to_run)
+            logits[reused] = ctx.base.logits
+    total = int(run_rows.size)
     bs = max(1, min(ctx.batch_size, engine.max_batch))
     c, (H, W) = ctx.x.shape[1], ctx.input_hw
     staging = _input_staging(xp, (min(bs, max(total, 1)), c, H, W), engine.input_dtype)
-    run_rows = np.asarray(rows_to_run, dtype=np.int64)
     # Index arrays go to the engine's device once, not once per chunk.
-    rows_x, idx_x = xp.asarray(run_rows), xp.asarray(todo[run_rows])
+    rows_x, idx_x = xp.asarray(run_rows), xp.asarray(first[run_rows])
     done = 0
     if progress:
         progress(0, total)
-    for k, start in enumerate(range(0, total, bs)):
+    for chunk, start in enumerate(range(0, total, bs)):
         if cancel is not None and cancel.is_set():
             raise Cancelled(f"cancelled after {done} of {total} masked passes")
         rows = rows_x[start:start + bs]
         idx = idx_x[start:start + bs]
         b = int(idx.shape[0])
-        with staging.fill(k) as buffer:
+        with staging.fill(chunk) as buffer:
             ops.masked_batch(
                 ctx.x, plan.masks[idx], out=buffer[:b], border=plan.border,
                 shift=None if plan.shift is None else plan.shift[idx],
                 scale=None if plan.scale is None else plan.scale[idx],
                 full_hw=plan.full_hw, offsets=None if plan.offsets is None else plan.offsets[idx],
             )
-        out = engine.infer(staging.ready(k)[:b], names)
+        out = engine.infer(staging.ready(chunk)[:b], names)
         probs[rows] = out[meta.probs_output]
         if want_logits:
             logits[rows] = out[meta.logits_output]
-        staging.release(k)
+        staging.release(chunk)
         done += b
         if progress:
             progress(done, total)
@@ -132,11 +128,5 @@ def run_inputs(ctx: Context, inputs) -> dict:
     """Run a few whole inputs (N, C, H, W) through the engine in chunks (e.g. baselines)."""
     meta = ctx.engine.metadata
     names = [meta.probs_output] + ([meta.logits_output] if meta.logits_output else [])
-    bs = max(1, min(ctx.batch_size, ctx.engine.max_batch))
-    parts = {n: [] for n in names}
-    for start in range(0, inputs.shape[0], bs):
-        out = ctx.engine.infer(inputs[start:start + bs], names)
-        for name in names:
-            parts[name].append(out[name])
     ctx.forward_passes += int(inputs.shape[0])
-    return {name: ctx.xp.concatenate(v, axis=0) for name, v in parts.items()}
+    return ctx.engine.infer_batches(inputs, names, ctx.batch_size)

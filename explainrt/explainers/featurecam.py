@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import InvalidInputError
 from ..imaging import colormap
+from ..kernels import to_host
 from .base import Context, Method, check_choice, check_range, minmax
 
 FEATURE_INPUTS = ("edges", "blend21", "blend11")
@@ -121,7 +122,7 @@ class FeatureCamExplainer(Method):
         xp = ctx.xp
         base_raw = self.base.explain(ctx)["raw"]
         base_maps = base_raw if self.base.normalised else minmax(base_raw, xp)
-        base_maps = xp.asnumpy(base_maps) if xp is not np else base_maps
+        base_maps = to_host(xp, base_maps)
         f_in = feature_input(ctx.rgb, edge_descriptor(ctx.rgb, self.edges), self.feature_input)
         f_grey = f_in.mean(axis=2)
         maps, visuals = [], []

@@ -23,15 +23,15 @@ class ScoreCamExplainer(Method):
     def plan(self, ctx: Context) -> MaskPlan:
         xp = ctx.xp
         acts = ctx.base.activations.astype(xp.float32)
-        lo, hi = ctx.ops.upsampled_minmax(acts, ctx.input_hw, "clamp")
-        # Constant iff constant at activation resolution: exact, whereas float32 bilinear
-        # weights at non-dyadic scales turn a constant c into c ± 1 ulp after upsampling.
+        # Constant iff constant at activation resolution: exact, cheaper than upsampling, and not
+        # fooled by float32 bilinear weights that turn a constant c into c ± 1 ulp.
         flat = acts.reshape(acts.shape[0], -1)
-        keep = xp.flatnonzero((flat.max(axis=1) > flat.min(axis=1)) & (hi > lo))
+        keep = xp.flatnonzero(flat.max(axis=1) > flat.min(axis=1))
         ctx.extras["channels_skipped"] = int(acts.shape[0] - keep.size)
-        ctx.extras["kept"] = keep
-        span = (hi - lo)[keep]
-        return MaskPlan(masks=acts[keep], border="clamp", shift=-lo[keep], scale=1.0 / span)
+        masks = acts[keep]
+        lo, hi = ctx.ops.upsampled_minmax(masks, ctx.input_hw, "clamp")  # normalisation of kept channels only
+        span = hi - lo  # > 0 whenever the input is upsampled; guard layers larger than the input
+        return MaskPlan(masks=masks, border="clamp", shift=-lo, scale=1.0 / xp.where(span > 0, span, 1.0))
 
     def weigh(self, ctx: Context, plan: MaskPlan, table: ScoreTable):
         xp = ctx.xp

@@ -13,6 +13,11 @@ import numpy as np
 from . import reference
 
 
+def to_host(xp, arr) -> np.ndarray:
+    """``arr`` as a NumPy array (one device→host copy when ``xp`` is CuPy)."""
+    return xp.asnumpy(arr) if xp is not np else np.asarray(arr)
+
+
 def get_ops(xp) -> ModuleType:
     """The mask-operation implementation for array module ``xp`` (numpy or cupy)."""
     if xp is np:
@@ -22,4 +27,4 @@ def get_ops(xp) -> ModuleType:
     return cuda
 
 
-__all__ = ["get_ops", "reference"]
+__all__ = ["get_ops", "reference", "to_host"]

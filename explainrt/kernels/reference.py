@@ -23,7 +23,7 @@ BORDERS = ("clamp", "reflect")
 
 
 @functools.lru_cache(maxsize=256)
-def _full_matrix(out_len: int, in_len: int, border: str, full_len: int) -> np.ndarray:
+def _full_matrix(in_len: int, border: str, full_len: int) -> np.ndarray:
     """(full_len × in_len) bilinear interpolation weights for one axis."""
     if border not in BORDERS:
         raise ValueError(f"border must be one of {BORDERS}, got {border!r}")
@@ -48,13 +48,31 @@ def _full_matrix(out_len: int, in_len: int, border: str, full_len: int) -> np.nd
     return mat
 
 
+@functools.lru_cache(maxsize=256)
+def _full_matrix_f32(in_len: int, border: str, full_len: int) -> np.ndarray:
+    mat = _full_matrix(in_len, border, full_len).astype(np.float32)
+    mat.setflags(write=False)
+    return mat
+
+
 def interp_matrix(out_len: int, in_len: int, border: str = "clamp", full_len: Optional[int] = None,
                   offset: int = 0, dtype=np.float32) -> np.ndarray:
-    """(out_len × in_len) matrix R with up(v) = R @ v along one axis."""
+    """(out_len × in_len) matrix R with up(v) = R @ v along one axis (read-only for float32)."""
+    return crop_matrices(out_len, in_len, border, full_len, np.array([offset]), dtype)[0]
+
+
+def crop_matrices(out_len: int, in_len: int, border: str, full_len: Optional[int], offsets: np.ndarray,
+                  dtype=np.float32) -> np.ndarray:
+    """(N, out_len, in_len): rows offsets[i] … offsets[i]+out_len of the resize-to-``full_len`` matrix."""
     full = full_len or out_len
-    if offset < 0 or offset + out_len > full:
-        raise ValueError(f"crop {offset}..{offset + out_len} is outside the resized length {full}")
-    return _full_matrix(out_len, in_len, border, full)[offset:offset + out_len].astype(dtype)
+    offsets = np.asarray(offsets, dtype=np.int64)
+    if offsets.size and (offsets.min() < 0 or offsets.max() + out_len > full):
+        raise ValueError(f"crop {offsets.min()}..{offsets.max() + out_len} is outside the resized length {full}")
+    mat = _full_matrix_f32(in_len, border, full) if dtype == np.float32 else \
+        _full_matrix(in_len, border, full).astype(dtype)
+    if offsets.size == 1:  # a view, no copy
+        return mat[None, int(offsets[0]):int(offsets[0]) + out_len]
+    return mat[offsets[:, None] + np.arange(out_len)]
 
 
 def upsample_bilinear(masks: np.ndarray, out_hw: tuple[int, int], border: str = "clamp",
@@ -68,13 +86,9 @@ def upsample_bilinear(masks: np.ndarray, out_hw: tuple[int, int], border: str = 
         ry = interp_matrix(H, h, border, fh)
         rx = interp_matrix(W, w, border, fw)
         return np.matmul(np.matmul(ry, masks), rx.T)
-    out = np.empty((n, H, W), dtype=np.float32)
-    for i in range(n):
-        dy, dx = int(offsets[i, 0]), int(offsets[i, 1])
-        ry = interp_matrix(H, h, border, fh, dy)
-        rx = interp_matrix(W, w, border, fw, dx)
-        out[i] = ry @ masks[i] @ rx.T
-    return out
+    ry = crop_matrices(H, h, border, fh, offsets[:, 0])  # (N, H, h): each mask its own crop
+    rx = crop_matrices(W, w, border, fw, offsets[:, 1])  # (N, W, w)
+    return np.matmul(np.matmul(ry, masks), rx.transpose(0, 2, 1))
 
 
 def masked_batch(x: np.ndarray, masks: np.ndarray, out: Optional[np.ndarray] = None, border: str = "clamp",

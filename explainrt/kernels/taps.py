@@ -23,7 +23,7 @@ def bilinear_taps(in_len: int, border: str, full_len: int) -> tuple[np.ndarray, 
     non-zeros per row); an unused second tap has weight 0 and repeats the first index, so it
     never reads out of bounds.
     """
-    mat = _full_matrix(full_len, in_len, border, full_len)
+    mat = _full_matrix(in_len, border, full_len)
     if in_len == 1:
         idx = np.zeros((full_len, 2), np.int32)
         wt = np.stack([mat[:, 0], np.zeros(full_len)], axis=1)

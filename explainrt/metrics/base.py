@@ -42,10 +42,6 @@ def engine_input(engine: Engine, image: ImageLike):
     return engine.xp.asarray(prepare_image(image, engine.metadata).x)
 
 
-def to_host(xp, arr) -> np.ndarray:
-    return xp.asnumpy(arr) if xp is not np else np.asarray(arr)
-
-
 def check_map(saliency, input_hw: tuple[int, int], name: str = "saliency") -> np.ndarray:
     """A finite 2-D float map at the model's input size (bilinearly resized when it is not)."""
     arr = np.asarray(saliency)
@@ -56,13 +52,6 @@ def check_map(saliency, input_hw: tuple[int, int], name: str = "saliency") -> np
     if not np.issubdtype(arr.dtype, np.number) or not np.all(np.isfinite(arr)):
         raise InvalidInputError(f"{name} must hold finite numbers")
     return resize_map(arr.astype(np.float32), tuple(input_hw))
-
-
-def predict_batches(engine: Engine, inputs, batch_size: int):
-    """Probabilities (N, K) of the inputs (N, C, H, W), run in chunks of ``batch_size``."""
-    name = engine.metadata.probs_output
-    parts = [engine.infer(inputs[s:s + batch_size], [name])[name] for s in range(0, inputs.shape[0], batch_size)]
-    return engine.xp.concatenate(parts, axis=0)
 
 
 def format_rows(header: list, rows: list) -> str:

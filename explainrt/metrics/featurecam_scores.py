@@ -17,7 +17,8 @@ import numpy as np
 
 from ..errors import InvalidInputError
 from ..imaging import ImageLike
-from .base import ModelLike, batch_size_of, check_map, engine_input, engine_of, predict_batches, to_host
+from ..kernels import to_host
+from .base import ModelLike, batch_size_of, check_map, engine_input, engine_of
 
 DEFAULT_PERCENTILE = 80.0
 
@@ -80,7 +81,8 @@ def explanation_map_scores(model: ModelLike, image: ImageLike, saliency: Union[n
     hw = tuple(x.shape[2:])
     masks = {name: explanation_mask(check_map(m, hw), percentile) for name, m in named.items()}
     stack = xp.concatenate([x] + [_keep(x, m, xp) for m in masks.values()])
-    probs = to_host(xp, predict_batches(engine, stack, bs)).astype(np.float64)
+    name = engine.metadata.probs_output
+    probs = to_host(xp, engine.infer_batches(stack, [name], bs)[name]).astype(np.float64)
     original = int(np.argmax(probs[0]))
     scores = {}
     for row, (name, mask) in enumerate(masks.items(), start=1):

@@ -19,7 +19,8 @@ import numpy as np
 
 from ..errors import InvalidInputError
 from ..imaging import ImageLike
-from .base import ModelLike, batch_size_of, check_map, engine_input, engine_of, to_host
+from ..kernels import to_host
+from .base import ModelLike, batch_size_of, check_map, engine_input, engine_of
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +190,7 @@ def _run_jobs(engine, jobs: list, step: int, chw: tuple, bs: int, target: int,
     c, h, w = chw
     flat_jobs = np.array([(j, i) for j, job in enumerate(jobs) for i in range(job.n_points)], dtype=np.int64)
     total = flat_jobs.shape[0]
-    out = [np.empty(job.n_points, dtype=np.float64) for job in jobs]
+    scores = xp.empty(total, dtype=xp.float32)  # stays on the engine's device until the end
     buffer = xp.empty((min(bs, total), c, h * w), dtype=xp.float32)
     probs_name = engine.metadata.probs_output
     if progress:
@@ -204,14 +205,12 @@ def _run_jobs(engine, jobs: list, step: int, chw: tuple, bs: int, target: int,
             take_finish = job.rank[None, :] < moved[:, None]  # (r, H·W)
             lo, hi = int(rows[0]), int(rows[-1]) + 1  # rows of one curve are contiguous
             buffer[lo:hi] = xp.where(take_finish[:, None, :], job.finish[None], job.start[None])
-        probs = to_host(xp, engine.infer(buffer[:b].reshape(b, c, h, w), [probs_name])[probs_name][:, target])
-        for j in np.unique(chunk[:, 0]):
-            rows = np.flatnonzero(chunk[:, 0] == j)
-            out[j][chunk[rows, 1]] = probs[rows]
+        scores[begin:begin + b] = engine.infer(buffer[:b].reshape(b, c, h, w), [probs_name])[probs_name][:, target]
         if progress:
             progress(begin + b, total)
     log.debug("ran %d insertion/deletion passes for %d curves", total, len(jobs))
-    return out
+    scores = to_host(xp, scores).astype(np.float64)  # one copy for every curve
+    return np.split(scores, np.cumsum([job.n_points for job in jobs])[:-1])  # flat_jobs is curve-major
 
 
 def deletion(model: ModelLike, image: ImageLike, saliency: np.ndarray, step: int = DEFAULT_STEP,

@@ -83,6 +83,12 @@ class Engine(abc.ABC):
         """Run a batch held in one array ``x`` (N, C, H, W) through the model's input."""
         return self.run({self.metadata.input_name: x}, output_names)
 
+    def infer_batches(self, x, output_names: Sequence[str], batch_size: Optional[int] = None) -> dict:
+        """Run (N, C, H, W) inputs of any N in chunks of ``batch_size`` (≤ ``max_batch``); outputs concatenated."""
+        bs = max(1, min(int(batch_size or self.max_batch), self.max_batch))
+        parts = [self.infer(x[s:s + bs], output_names) for s in range(0, int(x.shape[0]), bs)]
+        return {n: self.xp.concatenate([p[n] for p in parts], axis=0) for n in output_names}
+
     def base_pass(self, x) -> BasePass:
         """The one unmasked pass: probabilities, logits and activations of a (1,C,H,W) input."""
         meta = self.metadata

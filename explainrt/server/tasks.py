@@ -138,9 +138,10 @@ def run_task(task: ExplainTask, progress: Optional[Callable[[int, int], None]] =
     t0 = time.perf_counter()
     response = build_response(task, result)
     response.timings.postprocess_s = time.perf_counter() - t0
-    if max_response_bytes is not None and response.ByteSize() > max_response_bytes:
+    size = response.ByteSize() if max_response_bytes is not None else 0
+    if max_response_bytes is not None and size > max_response_bytes:
         raise ResponseTooLarge(
-            f"the response would be {response.ByteSize() / 2**20:.1f} MiB, over the server's limit of "
+            f"the response would be {size / 2**20:.1f} MiB, over the server's limit of "
             f"{max_response_bytes / 2**20:.0f} MiB: ask for FLOAT16 maps, MAP_SIZE_MODEL_INPUT, fewer targets or "
             "no overlay, or raise the server's --max-message-mib")
     return response
