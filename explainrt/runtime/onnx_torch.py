@@ -307,9 +307,19 @@ def _batchnorm(node, x, scale, bias, mean, var, *_):
     return [F.batch_norm(x, mean, var, scale, bias, training=False, eps=float(node.attr("epsilon", 1e-5)))]
 
 
-@op("Relu")
-def _relu(node, x):
-    return [node.interp.torch.relu(x)]
+# Elementwise ops that are one torch function of one input, by ONNX name.
+_UNARY = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "Erf": "erf", "Exp": "exp", "Log": "log",
+          "Sqrt": "sqrt", "Neg": "neg", "Abs": "abs", "Reciprocal": "reciprocal", "Floor": "floor", "Ceil": "ceil"}
+
+
+def _unary(function: str) -> OpFn:
+    def run(node, x):
+        return [getattr(node.interp.torch, function)(x)]
+    return run
+
+
+for _onnx_name, _function in _UNARY.items():
+    op(_onnx_name)(_unary(_function))
 
 
 @op("LeakyRelu")
@@ -322,64 +332,9 @@ def _elu(node, x):
     return [node.interp.torch.nn.functional.elu(x, float(node.attr("alpha", 1.0)))]
 
 
-@op("Sigmoid")
-def _sigmoid(node, x):
-    return [node.interp.torch.sigmoid(x)]
-
-
-@op("Tanh")
-def _tanh(node, x):
-    return [node.interp.torch.tanh(x)]
-
-
 @op("Softplus")
 def _softplus(node, x):
     return [node.interp.torch.nn.functional.softplus(x)]
-
-
-@op("Erf")
-def _erf(node, x):
-    return [node.interp.torch.erf(x)]
-
-
-@op("Exp")
-def _exp(node, x):
-    return [node.interp.torch.exp(x)]
-
-
-@op("Log")
-def _log(node, x):
-    return [node.interp.torch.log(x)]
-
-
-@op("Sqrt")
-def _sqrt(node, x):
-    return [node.interp.torch.sqrt(x)]
-
-
-@op("Neg")
-def _neg(node, x):
-    return [-x]
-
-
-@op("Abs")
-def _abs(node, x):
-    return [x.abs()]
-
-
-@op("Reciprocal")
-def _reciprocal(node, x):
-    return [node.interp.torch.reciprocal(x)]
-
-
-@op("Floor")
-def _floor(node, x):
-    return [node.interp.torch.floor(x)]
-
-
-@op("Ceil")
-def _ceil(node, x):
-    return [node.interp.torch.ceil(x)]
 
 
 @op("Clip")
