@@ -436,6 +436,11 @@ op("ReduceMax")(_reduce(lambda x, d, k: x.amax(dim=d, keepdim=k)))
 op("ReduceMin")(_reduce(lambda x, d, k: x.amin(dim=d, keepdim=k)))
 
 
+def _torch_can_pad(pads, kernel, nd: int) -> bool:
+    """torch pooling pads symmetrically and at most half a kernel; anything else is padded first."""
+    return pads[:nd] == pads[nd:] and all(p <= k // 2 for p, k in zip(pads[:nd], kernel))
+
+
 @op("MaxPool")
 def _max_pool(node, x):
     torch = node.interp.torch
@@ -443,7 +448,7 @@ def _max_pool(node, x):
     nd = x.dim() - 2
     kernel, strides, dilations, pads = _pool_args(node, x, nd)
     ceil = bool(node.attr("ceil_mode", 0))
-    symmetric = pads[:nd] == pads[nd:] and all(p <= k // 2 for p, k in zip(pads[:nd], kernel))
+    symmetric = _torch_can_pad(pads, kernel, nd)
     if not symmetric:
         x = F.pad(x, _torch_pad(pads, nd), value=float("-inf"))
         pads = [0] * (2 * nd)
@@ -460,7 +465,7 @@ def _avg_pool(node, x):
     ceil = bool(node.attr("ceil_mode", 0))
     include_pad = bool(node.attr("count_include_pad", 0))
     pool = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[nd]
-    symmetric = pads[:nd] == pads[nd:] and all(p <= k // 2 for p, k in zip(pads[:nd], kernel))
+    symmetric = _torch_can_pad(pads, kernel, nd)
     if symmetric:
         return [pool(x, kernel, strides, pads[:nd], ceil_mode=ceil, count_include_pad=include_pad)]
     padded = F.pad(x, _torch_pad(pads, nd))
