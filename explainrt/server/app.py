@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import select
 import signal
+import socket
 import threading
 import time
 from typing import Optional
@@ -21,6 +23,8 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "explainrt.v1.ExplainService"
 DRAIN_SEND_S = 5.0  # once no explanation is running: time left for the last responses to be sent
+DRAIN_QUIET_S = 0.25  # ...and first, until clients stop sending new requests for this long (at most:)
+DRAIN_LINGER_S = 5.0
 
 
 class ExplainServer:
@@ -119,6 +123,13 @@ class ExplainServer:
         self.scheduler.close()
         while self.servicer.active_calls and time.monotonic() < end:
             time.sleep(0.02)
+        # Keep refusing with UNAVAILABLE while clients are still sending: a call that reaches a
+        # stopping gRPC server is CANCELLED instead (or hangs until its deadline), and clients
+        # rightly do not retry those elsewhere.
+        linger_end = min(end, time.monotonic() + DRAIN_LINGER_S)
+        while time.monotonic() < linger_end and (
+                self.servicer.active_calls or time.monotonic() - self.servicer.last_call_at < DRAIN_QUIET_S):
+            time.sleep(0.02)
         if self._server is not None:
             # Then: let responses still being sent go out (a few seconds at most), cancel whatever is
             # left (streams kept open, health watches; cancel events stop workers between two chunks).
@@ -133,6 +144,25 @@ class ExplainServer:
     def wait(self, timeout: Optional[float] = None) -> bool:
         """Block until the server has stopped; True if it did within ``timeout``."""
         return self._stopped.wait(timeout)
+
+    def wait_for_signals(self) -> None:
+        """Block (on the main thread) until the server has stopped, reacting to signals at once.
+
+        A signal that the OS delivers to another thread runs its Python handler only once the main
+        thread executes bytecode again; the wake-up socket makes the main thread's ``select``
+        return right away instead of at its next timeout.
+        """
+        reader, writer = socket.socketpair()
+        writer.setblocking(False)
+        previous = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        try:
+            while not self._stopped.is_set():
+                if select.select([reader], [], [], 1.0)[0]:
+                    reader.recv(64)
+        finally:
+            signal.set_wakeup_fd(previous)
+            reader.close()
+            writer.close()
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT start a graceful stop (on a thread: a handler must return quickly)."""

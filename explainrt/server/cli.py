@@ -93,8 +93,7 @@ def cmd_serve(args) -> int:
         server.stop(grace=0)
         raise
     print(f"explainrt serve: serving {', '.join(names)}", flush=True)
-    while not server.wait(timeout=1.0):
-        pass
+    server.wait_for_signals()
     return 0
 
 

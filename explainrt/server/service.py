@@ -132,6 +132,7 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
         self.options = options or ServiceOptions()
         self._active = 0
         self._active_lock = threading.Lock()
+        self.last_call_at = float("-inf")  # time.monotonic() of the latest Explain/ExplainStream call
 
     @property
     def active_calls(self) -> int:
@@ -141,6 +142,7 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
     def _enter(self) -> None:
         with self._active_lock:
             self._active += 1
+            self.last_call_at = time.monotonic()
 
     def _leave(self) -> None:
         with self._active_lock:

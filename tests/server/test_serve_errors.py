@@ -126,9 +126,9 @@ def test_deadline_stops_the_work(server, client, idle):
     with pytest.raises(RemoteError) as err:
         client.explain(GOOD, timeout=1.0, **_long_rise())
     assert err.value.code == "DEADLINE_EXCEEDED"
-    assert time.perf_counter() - t0 < 3.0
+    assert time.perf_counter() - t0 < 5.0  # far below the ~24 s the whole request would take
     # The worker is freed: the job stopped between two chunks, it did not run to the end.
-    assert wait_for(lambda: server.scheduler.running == 0, timeout=3.0)
+    assert wait_for(lambda: server.scheduler.running == 0, timeout=10)
     stopped_at = server.metrics.masked_pass_total(method="rise")
     time.sleep(0.3)
     assert server.metrics.masked_pass_total(method="rise") == stopped_at, "masked passes went on after the deadline"
@@ -144,7 +144,7 @@ def test_client_cancel_stops_the_work(server, client, idle):
     future = stub.Explain.future(client.request(GOOD, **_long_rise()), timeout=60)
     assert wait_for(lambda: server.metrics.masked_pass_total(method="rise") > before, timeout=5)
     future.cancel()
-    assert wait_for(lambda: server.scheduler.running == 0, timeout=3.0)
+    assert wait_for(lambda: server.scheduler.running == 0, timeout=10)
     stopped_at = server.metrics.masked_pass_total(method="rise")
     time.sleep(0.3)
     assert server.metrics.masked_pass_total(method="rise") == stopped_at
@@ -156,7 +156,7 @@ def test_stream_deadline_stops_its_items(server, client, idle):
     with pytest.raises(RemoteError) as err:
         list(client.stream([{"image": GOOD, **_long_rise()}, {"image": GOOD, **_long_rise()}], timeout=1.0))
     assert err.value.code == "DEADLINE_EXCEEDED"
-    assert wait_for(lambda: server.scheduler.running == 0 and server.scheduler.depth == 0, timeout=3.0)
+    assert wait_for(lambda: server.scheduler.running == 0 and server.scheduler.depth == 0, timeout=10)
 
 
 def test_full_queue_is_resource_exhausted_at_once(single_model_dir):
@@ -174,7 +174,7 @@ def test_full_queue_is_resource_exhausted_at_once(single_model_dir):
             with pytest.raises(RemoteError) as err:
                 c.explain(GOOD, "fem")
             assert err.value.code == "RESOURCE_EXHAUSTED" and "--queue-size" in err.value.message
-            assert time.perf_counter() - t0 < 1.0
+            assert time.perf_counter() - t0 < 2.0  # refused, not queued behind ~24 s of RISE
             queued.cancel()
             running.cancel()
             assert wait_for(lambda: srv.scheduler.running == 0 and srv.scheduler.depth == 0, timeout=5)

@@ -32,7 +32,7 @@ def test_full_queue_refuses_at_once_and_work_resumes():
         t0 = time.perf_counter()
         with pytest.raises(QueueFull, match="queue is full"):
             sched.submit(Job(lambda job: None))
-        assert time.perf_counter() - t0 < 0.1
+        assert time.perf_counter() - t0 < 0.5  # refused at once, not after a wait
         release.set()
         assert first.result(5) == "done" and [f.result(5) for f in queued] == [0, 1]
     finally:

@@ -61,6 +61,29 @@ def test_stop_drains_in_flight_requests(single_model_dir):
     assert srv.wait(0)
 
 
+def test_a_request_sent_just_after_the_drain_still_gets_unavailable(single_model_dir):
+    """Once the last explanation is answered the server lingers, refusing with UNAVAILABLE (which
+    clients retry elsewhere), instead of stopping gRPC under a caller (CANCELLED, not retried)."""
+    srv = start_server(single_model_dir, workers=1)
+    results: dict = {}
+    with ExplainClient(f"127.0.0.1:{srv.port}", timeout=30, retries=0) as c:
+        thread = _explain_in_background(c, results, "running")
+        assert wait_for(lambda: srv.scheduler.running == 1)
+        stopper = threading.Thread(target=srv.stop, kwargs={"grace": 30})
+        stopper.start()
+        thread.join(30)
+        assert results["running"].forward_passes == 12_001
+        codes = []
+        for _ in range(5):  # the client backs off between retries; each retry must still be answered
+            with pytest.raises(RemoteError) as err:
+                c.explain(GOOD, "fem")
+            codes.append(err.value.code)
+            time.sleep(0.05)
+        assert codes == ["UNAVAILABLE"] * 5
+        stopper.join(30)
+    assert srv.wait(0)
+
+
 def test_sigterm_completes_in_flight_requests_then_exits(single_model_dir):
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen(
