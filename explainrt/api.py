@@ -23,6 +23,28 @@ Target = Union[None, int, Sequence[int]]
 ProgressFn = Callable[[int, int], None]
 
 
+def target_indices(target: Target, num_classes: Optional[int] = None) -> list[int]:
+    """``target`` (a class index or a non-empty sequence of them) as a list of ints, validated.
+
+    Without ``num_classes`` (a client that does not know the model) only the type and sign are checked.
+    """
+    items = [target] if np.ndim(target) == 0 else list(target)
+    items = [t.item() if isinstance(t, np.ndarray) else t for t in items]
+    if not items:
+        raise InvalidInputError("target list is empty")
+    high = num_classes if num_classes is not None else 2**31
+    out = []
+    for t in items:
+        if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)):
+            raise InvalidInputError(f"target must be a class index (int), got {t!r}")
+        if not 0 <= int(t) < high:
+            raise InvalidInputError(f"target class {t} is out of range: the model has {num_classes} classes "
+                                    f"(0..{num_classes - 1})" if num_classes is not None else
+                                    f"target class {t} is out of range: class indices are >= 0")
+        out.append(int(t))
+    return out
+
+
 class FirstTargetView:
     """``saliency``/``target``/``label`` of the first requested class, for single-target use."""
 
@@ -87,8 +109,10 @@ class Explainer:
 
     def __init__(self, model: Union[str, Engine], batch_size: Optional[int] = None, backend: str = "onnxruntime",
                  device: str = "cpu", max_batch: Optional[int] = None, **engine_options: Any):
-        if batch_size is not None and int(batch_size) < 1:
-            raise InvalidInputError(f"batch_size must be at least 1, got {batch_size}")
+        for name, value in (("batch_size", batch_size), ("max_batch", max_batch),
+                            ("threads", engine_options.get("threads"))):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
+                raise InvalidInputError(f"{name} must be an integer >= 1 (or None), got {value!r}")
         if isinstance(model, Engine):
             self.engine = model
         else:
@@ -115,21 +139,9 @@ class Explainer:
         return to_host(self.xp, base.probs)
 
     def _targets(self, target: Target, probs: np.ndarray) -> list[int]:
-        k = probs.shape[0]
         if target is None:
             return [int(np.argmax(probs))]
-        items = [target] if np.ndim(target) == 0 else list(target)
-        items = [t.item() if isinstance(t, np.ndarray) else t for t in items]
-        if not items:
-            raise InvalidInputError("target list is empty")
-        out = []
-        for t in items:
-            if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)):
-                raise InvalidInputError(f"target must be a class index (int), got {t!r}")
-            if not 0 <= int(t) < k:
-                raise InvalidInputError(f"target class {t} is out of range: the model has {k} classes (0..{k - 1})")
-            out.append(int(t))
-        return out
+        return target_indices(target, probs.shape[0])
 
     def explain(self, image: ImageLike, method: str = "sidu", target: Target = None,
                 progress: Optional[ProgressFn] = None, cancel: Optional[threading.Event] = None,
@@ -140,8 +152,8 @@ class Explainer:
         called as ``progress(done, total)`` over masked passes; setting ``cancel`` stops the
         work between two chunks.
         """
-        if method not in METHODS:
-            raise InvalidInputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        if not isinstance(method, str) or method not in METHODS:
+            raise InvalidInputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)} (one name)")
         algo = METHODS[method].create(**params)
         t0 = time.perf_counter()
         prep = self.prepare(image)

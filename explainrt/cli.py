@@ -20,6 +20,39 @@ COMMAND_MODULES: list[str] = ["explainrt.runtime.cli", "explainrt.server.cli", "
 DEMO_IMAGES = ("chelsea", "coffee", "astronaut", "rocket")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 0..65535 (0: any free port)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0..65535 (0 picks a free one), got {value}")
+    return value
+
+
 def parse_params(items) -> dict:
     """`-p key=value` pairs; values are JSON literals when they parse (numbers, true/false), else strings."""
     params = {}
@@ -59,8 +92,11 @@ class ProgressBar:
 def cmd_export(args) -> int:
     from .export import expose_activation, export_zoo_model, load_labels
 
+    from .outputs import prepare_output_file
+
     if bool(args.model) == bool(args.onnx):
         raise InvalidInputError("give either a built-in model name (e.g. efficientnet-lite0) or --onnx IN.onnx")
+    prepare_output_file(args.output)
     if args.model:
         meta = export_zoo_model(args.model, args.output)
     else:
@@ -79,12 +115,13 @@ def cmd_export(args) -> int:
 
 def _explain_images(args, images: list[str]) -> int:
     from . import Explainer
-    from .outputs import parse_methods, result_line, result_record, write_result_files, dumps
+    from .outputs import dumps, parse_methods, prepare_output_dir, result_line, result_record, write_result_files
 
     methods = parse_methods(args.method)
     params = parse_params(args.param)
     for method in methods:  # unknown parameters fail before any image is read
         method_params(params, method)
+    prepare_output_dir(args.output)
     explainer = Explainer(args.model, batch_size=args.batch_size, backend=args.backend, device=args.device,
                           **({"threads": args.threads} if args.threads else {}))
     show_bar = not args.no_progress
@@ -101,7 +138,8 @@ def _explain_images(args, images: list[str]) -> int:
                 bar.close()
                 if len(images) == 1:
                     raise
-                print(f"explainrt: error: {path}: {' '.join(str(exc).split())}", file=sys.stderr)
+                message = " ".join(str(exc).split())
+                print(f"explainrt: error: {'' if path in message else path + ': '}{message}", file=sys.stderr)
                 failures += 1
                 break
             finally:
@@ -159,8 +197,9 @@ def cmd_demo(args) -> int:
     from .imaging import write_png
 
     from .metrics.bench import sample_image
+    from .outputs import prepare_output_dir
 
-    os.makedirs(args.output, exist_ok=True)
+    prepare_output_dir(args.output)
     model = args.model
     if not os.path.isfile(model):
         print(f"exporting efficientnet-lite0 to {model} …", file=sys.stderr)
@@ -184,10 +223,10 @@ def _add_explain_options(p) -> None:
     p.add_argument("--target", type=int, default=None, help="class to explain (default: the top-1 class)")
     p.add_argument("-p", "--param", action="append", metavar="NAME=VALUE",
                    help="method parameter, repeatable (e.g. -p n_masks=2000 -p threshold=0.1); see `explainrt methods`")
-    p.add_argument("--batch-size", type=int, default=64, help="masked images per engine call (default 64)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="masked images per engine call (default 64)")
     p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch", "tensorrt"))
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--json", action="store_true", help="print one JSON object per result")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -241,6 +280,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print("explainrt: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        print("explainrt: error: out of memory; ask for less work at once (fewer masks, a smaller --batch-size)",
+              file=sys.stderr)
+        return 1
+    except OSError as exc:  # a file or port the command needs: the OS's reason is the message
+        print(f"explainrt: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

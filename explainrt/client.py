@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from .api import FirstTargetView
+from .api import FirstTargetView, target_indices
 from .errors import ExplainRTError, InvalidInputError, require
 
 log = logging.getLogger(__name__)
@@ -116,16 +117,13 @@ class ExplainClient:
                 original_size: bool = False, overlay: bool = False, top_k: Optional[int] = None,
                 request_id: str = ""):
         """Build an ``ExplainRequest`` (explain/stream arguments documented there)."""
+        from .imaging import read_image_bytes
         from .server.codec import array_to_tensor, dtype_code
 
         pb = self.pb
         req = pb.ExplainRequest(model=model or self.model or "", method=method, request_id=request_id)
         if isinstance(image, (str, os.PathLike)):
-            path = os.fspath(image)
-            if not os.path.isfile(path):
-                raise InvalidInputError(f"image file not found: {path}")
-            with open(path, "rb") as fh:
-                req.encoded = fh.read()
+            req.encoded = read_image_bytes(image)
         elif isinstance(image, (bytes, bytearray, memoryview)):
             req.encoded = bytes(image)
         elif isinstance(image, np.ndarray):
@@ -137,13 +135,20 @@ class ExplainClient:
             raise InvalidInputError(f"unsupported image type {type(image).__name__}: pass a path, encoded bytes "
                                     "or a NumPy array (uint8 H×W×3, or preprocessed float32 3×H×W)")
         if target is not None:
-            req.targets.extend([int(target)] if np.isscalar(target) else [int(t) for t in target])
+            req.targets.extend(target_indices(target))
+        if not isinstance(params or {}, dict):
+            raise InvalidInputError(f"params must be a dict of method parameters, got {type(params).__name__}")
         for key, value in (params or {}).items():
-            req.params[key] = value if isinstance(value, str) else json.dumps(value)
+            try:
+                req.params[str(key)] = value if isinstance(value, str) else json.dumps(value)
+            except (TypeError, ValueError) as exc:
+                raise InvalidInputError(f"parameter {key}={value!r} cannot be sent as JSON ({exc})") from None
         req.output.saliency_dtype = dtype_code(saliency_dtype)
         req.output.map_size = pb.MAP_SIZE_ORIGINAL if original_size else pb.MAP_SIZE_MODEL_INPUT
         req.output.overlay_png = bool(overlay)
         if top_k is not None:
+            if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 0 <= top_k < 2**31:
+                raise InvalidInputError(f"top_k must be an int >= 0, got {top_k!r}")
             req.output.top_k = int(top_k)
         return req
 
@@ -172,31 +177,56 @@ class ExplainClient:
         failed yields a ``RemoteError`` (the stream goes on). ``progress(index, done, total)`` is
         called for the server's progress messages. ``timeout`` bounds the whole stream (default: none).
         """
-        sent: dict[int, float] = {}
+        sent: dict[int, float] = {}  # by server index: when it was sent
+        client_index: list[int] = []  # server index -> index in ``requests``
+        refused: dict[int, RemoteError] = {}  # items that could not be built: never sent
+        failure: list[BaseException] = []  # the caller's iterable raised: re-raised once the stream ends
 
         def messages():
-            for i, item in enumerate(requests):
-                msg = item if isinstance(item, self.pb.ExplainRequest) else self.request(**item)
-                sent[i] = time.perf_counter()
+            iterator = iter(requests)
+            for i in itertools.count():
+                try:
+                    item = next(iterator)
+                except StopIteration:
+                    return
+                except Exception as exc:  # grpc would hide it behind "Exception iterating requests!"
+                    failure.append(exc)
+                    return
+                try:
+                    msg = item if isinstance(item, self.pb.ExplainRequest) else self.request(**item)
+                except (ExplainRTError, TypeError, ValueError) as exc:
+                    refused[i] = RemoteError("INVALID_ARGUMENT", f"request {i} was not sent: {exc}", i)
+                    continue
+                sent[len(client_index)] = time.perf_counter()
+                client_index.append(i)
                 yield msg
+
+        def refused_before(index: float) -> Iterator[RemoteError]:
+            for i in sorted(k for k in refused if k < index):
+                yield refused.pop(i)
 
         call = self.stub.ExplainStream(messages(), timeout=timeout)
         try:
             for reply in call:
                 kind = reply.WhichOneof("kind")
+                index = client_index[reply.index]
                 if kind == "progress":
                     if progress is not None:
-                        progress(int(reply.index), int(reply.progress.done), int(reply.progress.total))
+                        progress(index, int(reply.progress.done), int(reply.progress.total))
                     continue
+                yield from refused_before(index)
                 latency = time.perf_counter() - sent.get(reply.index, time.perf_counter())
                 if kind == "result":
-                    yield _explanation(reply.result, latency, int(reply.index))
+                    yield _explanation(reply.result, latency, index)
                 else:
-                    yield RemoteError(reply.error.code_name, reply.error.message, int(reply.index), reply.request_id)
+                    yield RemoteError(reply.error.code_name, reply.error.message, index, reply.request_id)
+            yield from refused_before(float("inf"))
         except self.grpc.RpcError as exc:
             raise _remote_error(exc) from None
         finally:
             call.cancel()
+        if failure:
+            raise failure[0]
 
     # ---- models and health -------------------------------------------------------------
     def list_models(self) -> list[dict]:

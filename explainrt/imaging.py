@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 from typing import Optional, Union
 
 import cv2
@@ -23,10 +24,39 @@ class PreparedImage:
     name: str = "image"
 
 
+class _QuietOpenCV:
+    """OpenCV's log at ERROR while any thread decodes: a corrupt file is reported by our error
+    alone, not also by a "[ WARN ] PNG input buffer is incomplete" line on stderr."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._saved = None
+
+    def __enter__(self):
+        log = getattr(getattr(cv2, "utils", None), "logging", None)
+        with self._lock:
+            if log is not None and self._depth == 0:
+                self._saved = log.getLogLevel()
+                log.setLogLevel(min(self._saved, log.LOG_LEVEL_ERROR))
+            self._depth += 1
+
+    def __exit__(self, *exc):
+        log = getattr(getattr(cv2, "utils", None), "logging", None)
+        with self._lock:
+            self._depth -= 1
+            if log is not None and self._depth == 0 and self._saved is not None:
+                log.setLogLevel(self._saved)
+
+
+_quiet_opencv = _QuietOpenCV()
+
+
 def decode_image(data: bytes, name: str = "image") -> np.ndarray:
     """Decode PNG/JPEG/... bytes to uint8 RGB; raises InvalidInputError if it is not an image."""
     buf = np.frombuffer(data, dtype=np.uint8)
-    img = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
+    with _quiet_opencv:
+        img = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
     if img is None:
         raise InvalidInputError(
             f"{name}: could not decode the image ({len(data)} bytes); it is corrupt or not in a "
@@ -55,13 +85,29 @@ def peek_image_size(data: bytes) -> Optional[tuple[int, int]]:
     return None
 
 
-def read_image(path: Union[str, os.PathLike]) -> np.ndarray:
-    """Read an image file to uint8 RGB (H, W, 3)."""
+def check_image_path(path: Union[str, os.PathLike]) -> str:
+    """``path`` as a string if it names a file; a clear error for a missing file or a directory."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise InvalidInputError(f"{path} is a directory, not an image file")
     if not os.path.isfile(path):
         raise InvalidInputError(f"image file not found: {path}")
-    with open(path, "rb") as fh:
-        return decode_image(fh.read(), name=path)
+    return path
+
+
+def read_image_bytes(path: Union[str, os.PathLike]) -> bytes:
+    """The bytes of an image file, with a clear error for a missing file or a directory."""
+    path = check_image_path(path)
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def read_image(path: Union[str, os.PathLike]) -> np.ndarray:
+    """Read an image file to uint8 RGB (H, W, 3)."""
+    return decode_image(read_image_bytes(path), name=os.fspath(path))
 
 
 def as_rgb_uint8(img: np.ndarray, name: str = "image") -> np.ndarray:

@@ -25,6 +25,33 @@ def parse_methods(spec: str) -> list[str]:
     return methods
 
 
+def prepare_output_dir(path: str) -> str:
+    """Create the output directory ``path`` now, before any work, or say why it cannot be."""
+    from .errors import InvalidInputError
+
+    if not path:
+        raise InvalidInputError("the output directory is empty; pass -o DIR")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InvalidInputError(f"output directory {path} is an existing file; pass -o with a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise InvalidInputError(f"cannot create the output directory {path}: {exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK):
+        raise InvalidInputError(f"output directory {path} is not writable")
+    return path
+
+
+def prepare_output_file(path: str) -> str:
+    """Check that the file ``path`` can be written (its directory is created), before any work."""
+    from .errors import InvalidInputError
+
+    if not path or os.path.isdir(path):
+        raise InvalidInputError(f"output file {path!r} is {'a directory' if path else 'empty'}; give a file path")
+    prepare_output_dir(os.path.dirname(os.path.abspath(path)))
+    return path
+
+
 def write_result_files(outdir: str, stem: str, method: str, saliency: np.ndarray, image: Optional[np.ndarray],
                        visualization: Optional[np.ndarray] = None) -> dict:
     """Write ``<stem>.<method>.npy`` (saliency) and ``<stem>.<method>.png`` (overlay at original size).

@@ -6,6 +6,7 @@ belong to the shared driver (``driver.py``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import inspect
 from typing import Any, Callable, ClassVar, Optional
 
@@ -124,17 +125,27 @@ class Method:
         return cls(**params)
 
 
+INT_PARAM_LIMIT = 2**31 - 1  # counts and seeds: anything larger is a typo, not a request
+
+
+def _short(value, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 3]}..."
+
+
 def check_range(name: str, value, low=None, high=None, low_open=False, kind=float):
     """Validate a numeric parameter and return it converted to ``kind``."""
     if isinstance(value, (bool, np.bool_)) or (kind is int and isinstance(value, (float, np.floating))
                                                and not float(value).is_integer()):
-        raise InvalidInputError(f"parameter {name} must be a{'n' if kind is int else ''} {kind.__name__}, got {value!r}")
+        raise InvalidInputError(f"parameter {name} must be a{'n' if kind is int else ''} {kind.__name__}, got {_short(value)}")
     try:
         value = kind(value)
-    except (TypeError, ValueError):
-        raise InvalidInputError(f"parameter {name} must be a{'n' if kind is int else ''} {kind.__name__}, got {value!r}") from None
-    if not np.isfinite(value):
-        raise InvalidInputError(f"parameter {name} must be finite, got {value!r}")
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidInputError(f"parameter {name} must be a{'n' if kind is int else ''} {kind.__name__}, got {_short(value)}") from None
+    if kind is int and abs(value) > INT_PARAM_LIMIT:
+        raise InvalidInputError(f"parameter {name}={_short(value)} is out of range (|{name}| <= {INT_PARAM_LIMIT})")
+    if kind is not int and not math.isfinite(value):
+        raise InvalidInputError(f"parameter {name} must be finite, got {_short(value)}")
     if low is not None and (value <= low if low_open else value < low):
         raise InvalidInputError(f"parameter {name} must be {'>' if low_open else '>='} {low}, got {value}")
     if high is not None and value > high:

@@ -45,6 +45,7 @@ def probe_and_store(path: str, meta: ModelMetadata) -> ModelMetadata:
     meta.activation_shape = tuple(int(d) for d in act.shape[1:])
     meta.num_classes = int(probs.shape[1])
     meta.labels = check_labels(meta.labels, meta.num_classes)
+    meta.validate()
     model = onnx.load(path)
     write_metadata(model, meta)
     onnx.save(model, path)

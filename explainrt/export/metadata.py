@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from typing import Optional, Sequence
 
 from ..errors import InvalidInputError, ModelError
@@ -17,12 +18,23 @@ METADATA_KEY = "explainrt"
 FORMAT_VERSION = 1
 
 
+def check_input_size(size) -> tuple[int, int]:
+    """Validate a model input size (H, W): two positive integers."""
+    try:
+        h, w = (int(v) for v in size)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"input size must be two integers (H, W), got {size!r}") from None
+    if h < 1 or w < 1:
+        raise InvalidInputError(f"input size must be positive, got {h}x{w}")
+    return h, w
+
+
 def check_normalisation(mean, std, channels: int = 3) -> tuple[tuple, tuple]:
     """Validate per-channel mean/std (finite, std > 0) and return them as float tuples."""
     out = []
     for key, values in (("mean", mean), ("std", std)):
-        values = tuple(values)
-        if len(values) != channels or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+        values = tuple(values) if isinstance(values, (list, tuple)) else (values,)
+        if len(values) != channels or not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in values):
             raise ModelError(f"{key} must be {channels} finite numbers (RGB, 0-255 scale), got {values}")
         out.append(tuple(float(v) for v in values))
     if min(out[1]) <= 0:
@@ -58,6 +70,30 @@ class ModelMetadata:
     def __post_init__(self):
         self.mean, self.std = check_normalisation(self.mean, self.std, self.channels)
 
+    def validate(self) -> "ModelMetadata":
+        """Check every field's type and range (metadata read from a file may be anything); returns self."""
+        def positive_ints(key, value, n):
+            if not (isinstance(value, (tuple, list)) and len(value) == n
+                    and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+                raise ModelError(f"metadata '{key}' must be {n} positive integers, got {value!r}; re-export the model")
+            return tuple(value)
+
+        for key in ("input_name", "probs_output", "activation_output"):
+            if not isinstance(getattr(self, key), str) or not getattr(self, key):
+                raise ModelError(f"metadata '{key}' must name a tensor, got {getattr(self, key)!r}; re-export the model")
+        if self.logits_output is not None and not isinstance(self.logits_output, str):
+            raise ModelError(f"metadata 'logits_output' must name a tensor or be null, got {self.logits_output!r}")
+        self.input_size = positive_ints("input_size", self.input_size, 2)
+        self.activation_shape = positive_ints("activation_shape", self.activation_shape, 3)
+        (self.num_classes,) = positive_ints("num_classes", (self.num_classes,), 1)
+        if self.layout != "NCHW" or self.channels != 3:
+            raise ModelError(f"explainrt explains RGB NCHW models; the metadata says layout={self.layout!r}, "
+                             f"channels={self.channels!r}")
+        if self.labels is not None and not (isinstance(self.labels, list)
+                                            and all(isinstance(v, str) for v in self.labels)):
+            raise ModelError("metadata 'labels' must be a list of strings or null; re-export the model")
+        return self
+
     def label(self, index: int) -> str:
         """Human-readable name of class ``index`` (its number when no labels are known)."""
         if self.labels and 0 <= index < len(self.labels):
@@ -73,13 +109,16 @@ class ModelMetadata:
             raw = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ModelError(f"the model's explainrt metadata is not valid JSON ({exc}); re-export it") from exc
+        if not isinstance(raw, dict):
+            raise ModelError(f"the model's explainrt metadata must be a JSON object, got {type(raw).__name__}; "
+                             "re-export it")
         known = {f.name for f in dataclasses.fields(cls)}
         raw = {k: v for k, v in raw.items() if k in known}
         for key in ("input_size", "activation_shape", "mean", "std"):
-            if key in raw and raw[key] is not None:
+            if isinstance(raw.get(key), list):
                 raw[key] = tuple(raw[key])
         try:
-            return cls(**raw)
+            return cls(**raw).validate()
         except TypeError as exc:
             raise ModelError(f"the model's explainrt metadata is incomplete ({exc}); re-export it") from exc
 

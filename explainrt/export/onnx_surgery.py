@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 from ..errors import InvalidInputError, ModelError
 from .finalize import probe_and_store
-from .metadata import ModelMetadata, check_normalisation, load_onnx
+from .metadata import ModelMetadata, check_input_size, check_normalisation, load_onnx
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,7 @@ def expose_activation(src: str, dst: str, activation: Optional[str] = None,
         if dims[2] is None or dims[3] is None:
             raise ModelError(f"{src}: the input's height/width are dynamic; give --input-size H W")
         input_size = (dims[2], dims[3])
+    input_size = check_input_size(input_size)
     # Dynamic batch on the input and every output.
     for vi in [inp, *graph.output]:
         shape = vi.type.tensor_type.shape
@@ -146,7 +147,7 @@ def expose_activation(src: str, dst: str, activation: Optional[str] = None,
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
     onnx.save(model, dst)
     meta = ModelMetadata(
-        input_name=inp.name, input_size=(int(input_size[0]), int(input_size[1])), logits_output=logits,
+        input_name=inp.name, input_size=input_size, logits_output=logits,
         probs_output=probs, activation_output=activation, activation_shape=(0, 0, 0), num_classes=0,
         mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
         labels=list(labels) if labels is not None else None, activation_layer=activation,

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 from ..errors import InvalidInputError, ModelError, require
 from .finalize import probe_and_store
-from .metadata import ModelMetadata, check_normalisation
+from .metadata import ModelMetadata, check_input_size, check_normalisation
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def export_torch(model, path: str, input_size: Sequence[int] = (224, 224), layer
     check_normalisation(mean, std)
     if opset < 17:
         raise InvalidInputError(f"opset must be >= 17, got {opset}")
-    h, w = (int(input_size[0]), int(input_size[1]))
+    h, w = check_input_size(input_size)
     model = model.eval()
     example = torch.zeros(1, 3, h, w)
     if layer is None:

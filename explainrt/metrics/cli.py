@@ -7,6 +7,7 @@ import os
 import sys
 import tempfile
 
+from ..cli import positive_int
 from ..errors import InvalidInputError
 
 log = logging.getLogger(__name__)
@@ -40,10 +41,11 @@ def cmd_eval(args) -> int:
 
     from ..api import Explainer
     from ..cli import ProgressBar, parse_params
-    from ..outputs import parse_methods
+    from ..outputs import parse_methods, prepare_output_dir
     from . import evaluate as ev
 
     methods = parse_methods(args.methods)
+    prepare_output_dir(args.output)
     params = _per_method_params(parse_params(args.param), methods)
     if args.step < 1:
         raise InvalidInputError(f"--step must be at least 1 pixel, got {args.step}")
@@ -67,7 +69,6 @@ def cmd_eval(args) -> int:
             "methods": methods, "params": params, "step": args.step, "percentile": args.percentile,
             "images": [os.path.basename(p) for p in images], "backend": explainer.engine.backend,
             "device": explainer.engine.device, "batch_size": explainer.batch_size}
-    os.makedirs(args.output, exist_ok=True)
     files = {"json": os.path.join(args.output, "eval.json"), "csv": os.path.join(args.output, "eval.csv"),
              "plot": os.path.join(args.output, "curves.png")}
     ev.write_json(files["json"], records, summary, curves, info)
@@ -152,7 +153,7 @@ def cmd_bench(args) -> int:
     from tqdm import tqdm
 
     from ..cli import parse_params
-    from ..outputs import parse_methods
+    from ..outputs import parse_methods, prepare_output_file
     from . import bench
 
     if bool(args.model) == bool(args.zoo):
@@ -160,6 +161,8 @@ def cmd_bench(args) -> int:
     if args.repeat < 1 or args.warmup < 0 or args.peer_repeat < 1:
         raise InvalidInputError("--repeat and --peer-repeat must be >= 1 and --warmup >= 0")
     methods = parse_methods(args.methods)
+    if args.json:
+        prepare_output_file(args.json)
     params = _per_method_params(parse_params(args.param), methods)
     batch_sizes = _int_list(args.batch_sizes)
     image = _bench_image(args.image)
@@ -192,7 +195,6 @@ def cmd_bench(args) -> int:
         report = {"machine": machine, "model": args.model or args.zoo, "image": args.image, "methods": methods,
                   "params": params, "batch_sizes": batch_sizes, "threads": args.threads, "warmup": args.warmup,
                   "repeat": args.repeat, "results": [r.to_dict() for r in rows], "compare": compare}
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(report, fh, indent=1)
         print(f"wrote {args.json}")
@@ -211,7 +213,7 @@ def register(subparsers) -> None:
                    help="explanation-map threshold percentile (Feature CAM's evaluation; default 80)")
     p.add_argument("--reference-dir", help="directory of reference maps <image stem>.npy|.png for Pearson/SIM/KL")
     p.add_argument("-p", "--param", action="append", metavar="NAME=VALUE", help="method parameter, repeatable")
-    p.add_argument("--batch-size", type=int, default=64, help="images per engine call (default 64)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per engine call (default 64)")
     _engine_arguments(p)
     p.set_defaults(func=cmd_eval)
 
@@ -240,5 +242,5 @@ def register(subparsers) -> None:
 def _engine_arguments(p) -> None:
     p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch", "tensorrt"))
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (ONNX Runtime and torch peers)")
+    p.add_argument("--threads", type=positive_int, default=None, help="intra-op threads (ONNX Runtime and torch peers)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

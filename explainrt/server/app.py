@@ -10,7 +10,7 @@ import threading
 import time
 from typing import Optional
 
-from ..errors import require
+from ..errors import ExplainRTError, require
 from .config import MIB, ServerConfig
 from .logs import log_event
 from .metrics import ServerMetrics
@@ -25,6 +25,10 @@ SERVICE_NAME = "explainrt.v1.ExplainService"
 DRAIN_SEND_S = 5.0  # once no explanation is running: time left for the last responses to be sent
 DRAIN_QUIET_S = 0.25  # ...and first, until clients stop sending new requests for this long (at most:)
 DRAIN_LINGER_S = 5.0
+
+
+class ServeError(ExplainRTError):
+    """The server could not start (a port in use, an address not of this machine)."""
 
 
 class ExplainServer:
@@ -76,15 +80,24 @@ class ExplainServer:
                  self._reflection.SERVICE_NAME)
         self._reflection.enable_server_reflection(names, server)
         address = f"{self.config.host}:{self.config.port}"
-        self.port = server.add_insecure_port(address)
+        try:
+            self.port = server.add_insecure_port(address)  # 0 on failure, or (newer grpcio) RuntimeError
+        except RuntimeError:
+            self.port = 0
         if not self.port:
-            raise OSError(f"could not bind {address}")
+            raise ServeError(f"could not listen on {address}: is another server on that port, or is the host "
+                             "not an address of this machine?")
         self._set_health(serving=False)
         server.start()
         self._server = server
         if self.config.metrics_port is not None:
             host = "0.0.0.0" if self.config.host in ("[::]", "0.0.0.0") else self.config.host.strip("[]")
-            self.metrics_port = self.metrics.start_http(self.config.metrics_port, host)
+            try:
+                self.metrics_port = self.metrics.start_http(self.config.metrics_port, host)
+            except OSError as exc:
+                server.stop(0)
+                raise ServeError(f"could not serve metrics on {host}:{self.config.metrics_port}: {exc.strerror or exc}") \
+                    from None
         log_event(log, "listening", host=self.config.host, port=self.port, metrics_port=self.metrics_port,
                   workers=self.config.workers, queue_size=self.config.queue_size, batch_size=self.config.batch_size)
         if load:

@@ -13,14 +13,15 @@ log = logging.getLogger(__name__)
 
 def register(subparsers) -> None:
     """Add the `serve` and `client` subcommands."""
+    from ..cli import port_number, positive_float, positive_int
     from .config import ServerConfig  # light: no grpc import until a command runs
 
     d = ServerConfig(models="")
     p = subparsers.add_parser("serve", help="serve explanations over gRPC (health, reflection, Prometheus metrics)")
     p.add_argument("--models", required=True, help="directory of exported .onnx models (name = file stem)")
     p.add_argument("--host", default=d.host, help=f"address to bind (default {d.host}: every interface)")
-    p.add_argument("--port", type=int, default=d.port, help=f"gRPC port (default {d.port}; 0 picks a free one)")
-    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this HTTP port")
+    p.add_argument("--port", type=port_number, default=d.port, help=f"gRPC port (default {d.port}; 0 picks a free one)")
+    p.add_argument("--metrics-port", type=port_number, default=None, help="serve Prometheus /metrics on this HTTP port")
     p.add_argument("--workers", type=int, default=d.workers, help=f"explanations run at once (default {d.workers})")
     p.add_argument("--queue-size", type=int, default=d.queue_size,
                    help=f"requests that may wait for a worker; more get RESOURCE_EXHAUSTED (default {d.queue_size})")
@@ -28,7 +29,7 @@ def register(subparsers) -> None:
                    help=f"masked images per engine call (default {d.batch_size}); larger requests are chunked")
     p.add_argument("--backend", default=d.backend, choices=("onnxruntime", "torch", "tensorrt"))
     p.add_argument("--device", default=d.device, choices=("cpu", "cuda"))
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per model")
+    p.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads per model")
     p.add_argument("--ort-spinning", action="store_true",
                    help="let ONNX Runtime threads busy-wait between runs (default off: they starve the server's "
                         "other threads on small machines)")
@@ -54,7 +55,7 @@ def register(subparsers) -> None:
     p.add_argument("--target", type=int, default=None, help="class to explain (default: the top-1 class)")
     p.add_argument("-p", "--param", action="append", metavar="NAME=VALUE",
                    help="method parameter, repeatable (e.g. -p n_masks=2000); see `explainrt methods`")
-    p.add_argument("--timeout", type=float, default=None, help="seconds for the whole run (default: none)")
+    p.add_argument("--timeout", type=positive_float, default=None, help="seconds for the whole run (default: none)")
     p.add_argument("--json", action="store_true", help="print one JSON object per result")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--list-models", action="store_true", help="print the server's models and exit")
@@ -101,8 +102,8 @@ def cmd_client(args) -> int:
     require("grpc", "serve", "`explainrt client`")
     from ..cli import ProgressBar, method_params, parse_params
     from ..client import ExplainClient, RemoteError
-    from ..imaging import read_image
-    from ..outputs import dumps, parse_methods, result_line, result_record, write_result_files
+    from ..imaging import check_image_path, read_image
+    from ..outputs import dumps, parse_methods, prepare_output_dir, result_line, result_record, write_result_files
 
     with ExplainClient(args.url, timeout=args.timeout, model=args.model) as client:
         if args.health:
@@ -119,9 +120,9 @@ def cmd_client(args) -> int:
             raise InvalidInputError(f"--target must be a class index >= 0, got {args.target}")
         methods = parse_methods(args.method)
         params = parse_params(args.param)
+        prepare_output_dir(args.output)
         for path in args.images:
-            if not os.path.isfile(path):
-                raise InvalidInputError(f"image file not found: {path}")
+            check_image_path(path)  # a missing file or a directory fails before any request
         jobs = [(path, method) for path in args.images for method in methods]
         requests = ({"image": path, "method": method, "target": args.target,
                      "params": method_params(params, method), "request_id": f"{os.path.basename(path)}:{method}"}

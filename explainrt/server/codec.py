@@ -32,12 +32,17 @@ def array_to_tensor(array: np.ndarray, dtype: int | None = None) -> pb.Tensor:
     return pb.Tensor(data=data.tobytes(), dtype=dtype, shape=list(data.shape))
 
 
+def dtype_name(value: int) -> str:
+    """The DataType enum's name of ``value``, or the number when it names none."""
+    return pb.DataType.Name(value) if value in pb.DataType.values() else str(value)
+
+
 def tensor_to_array(tensor: pb.Tensor, name: str = "tensor", allowed: tuple = tuple(DTYPES)) -> np.ndarray:
     """Decode a Tensor message to a (read-only) NumPy array, checking dtype, shape and byte count."""
     if tensor.dtype not in allowed:
         allowed_names = ", ".join(DTYPE_NAMES[d] for d in allowed)
         raise InvalidInputError(
-            f"{name}: dtype {pb.DataType.Name(tensor.dtype) if tensor.dtype in pb.DataType.values() else tensor.dtype} "
+            f"{name}: dtype {dtype_name(tensor.dtype)} "
             f"is not accepted here; use one of {allowed_names}"
         )
     shape = tuple(int(d) for d in tensor.shape)

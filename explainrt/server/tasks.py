@@ -22,7 +22,7 @@ from ..explainers import METHODS
 from ..explainers.featurecam import BUILTIN_EDGES
 from ..imaging import as_rgb_uint8, check_preprocessed, encode_png, peek_image_size, resize_map
 from ..proto.explainrt.v1 import explainrt_pb2 as pb
-from .codec import DTYPE_NAMES, array_to_tensor, tensor_to_array
+from .codec import DTYPE_NAMES, array_to_tensor, dtype_name, tensor_to_array
 from .models import LoadedModel, ModelRepository
 
 DEFAULT_TOP_K = 5
@@ -56,9 +56,11 @@ class RequestLimits:
     max_targets: int = 16  # classes explained in one request
     max_pixels: int = 64_000_000  # decoded image size (a 4K image is 8.3 M)
 
-    def check(self, method: str, params: dict, targets, image) -> None:
-        if method == "rise" and int(params.get("n_masks", 0)) > self.max_masks:
-            raise InvalidInputError(f"n_masks={params['n_masks']} is over this server's limit of {self.max_masks}")
+    def check(self, method, targets, image) -> None:
+        """``method``: the validated method object (a Feature CAM's RISE base counts too)."""
+        n_masks = max(getattr(m, "n_masks", 0) for m in (method, getattr(method, "base", None)))
+        if n_masks > self.max_masks:
+            raise InvalidInputError(f"n_masks={n_masks} is over this server's limit of {self.max_masks}")
         if len(targets) > self.max_targets:
             raise InvalidInputError(f"{len(targets)} targets requested; this server explains at most "
                                     f"{self.max_targets} classes per request")
@@ -66,6 +68,10 @@ class RequestLimits:
             size = image.shape[:2] if image.dtype == np.uint8 else None
         else:
             size = peek_image_size(image)
+            if size is None:  # other formats (TIFF, WebP, ...) would have to be decoded to learn their size
+                raise InvalidInputError("could not decode the image bytes as PNG or JPEG (the server takes only these, "
+                                        "as it checks an image's size before decoding it); convert the image, or "
+                                        "send a uint8 H×W×3 tensor")
         if size is not None and size[0] * size[1] > self.max_pixels:
             raise InvalidInputError(f"the image is {size[1]}x{size[0]} pixels, over this server's limit of "
                                     f"{self.max_pixels / 1e6:.0f} megapixels")
@@ -85,7 +91,7 @@ def parse_request(request: pb.ExplainRequest, models: ModelRepository,
             f"parameter edges={params['edges']!r} is not offered by the server: use one of "
             f"{', '.join(BUILTIN_EDGES)} (the server does not load edge models named by clients)")
     try:
-        METHODS[method].create(**params)  # unknown parameters and out-of-range values fail here, before queueing
+        method_obj = METHODS[method].create(**params)  # unknown parameters, out-of-range values fail here, before queueing
     except (TypeError, ValueError) as exc:  # e.g. a JSON list where a mapping belongs
         if isinstance(exc, InvalidInputError):
             raise
@@ -110,13 +116,13 @@ def parse_request(request: pb.ExplainRequest, models: ModelRepository,
     out = request.output
     if out.saliency_dtype not in (pb.DATA_TYPE_UNSPECIFIED, pb.FLOAT32, pb.FLOAT16):
         raise InvalidInputError(
-            f"output.saliency_dtype must be FLOAT32 or FLOAT16, got {pb.DataType.Name(out.saliency_dtype)}")
+            f"output.saliency_dtype must be FLOAT32 or FLOAT16, got {dtype_name(out.saliency_dtype)}")
     original = out.map_size == pb.MAP_SIZE_ORIGINAL
     if preprocessed and (original or out.overlay_png):
         raise InvalidInputError(
             "a preprocessed float32 tensor has no original image: ask for MAP_SIZE_MODEL_INPUT without an "
             "overlay, or send the image itself (encoded bytes or a uint8 H×W×3 tensor)")
-    (limits or RequestLimits()).check(method, params, list(request.targets), image)
+    (limits or RequestLimits()).check(method_obj, list(request.targets), image)
     top_k = out.top_k if out.HasField("top_k") else DEFAULT_TOP_K
     if top_k < 0:
         raise InvalidInputError(f"output.top_k must be >= 0, got {top_k}")
