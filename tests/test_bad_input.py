@@ -141,3 +141,105 @@ def test_non_rgb_torch_model_is_refused(tmp_path):
                                torch.nn.Flatten(), torch.nn.Linear(4, 2))
     with pytest.raises(ModelError, match=r"does not run on a \(1, 3, 16, 16\) RGB batch"):
         export_torch(grey, str(tmp_path / "g.onnx"), input_size=(16, 16))
+
+
+def _with_metadata(src: str, dst, text: str) -> str:
+    """A copy of the model ``src`` whose explainrt metadata is replaced by ``text``."""
+    import onnx
+
+    model = onnx.load(src)
+    for prop in model.metadata_props:
+        if prop.key == "explainrt":
+            prop.value = text
+    onnx.save(model, str(dst))
+    return str(dst)
+
+
+def _edited_metadata(src: str, dst, **changes) -> str:
+    import json
+
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(src).metadata_props}
+    return _with_metadata(src, dst, json.dumps({**json.loads(props["explainrt"]), **changes}))
+
+
+@pytest.mark.parametrize("edit,message", [
+    ("[1, 2]", "must be a JSON object"),
+    ({"input_size": "abc"}, "'input_size' must be 2 positive integers"),
+    ({"input_size": [0, 0]}, "'input_size' must be 2 positive integers"),
+    ({"activation_shape": [12, -8, 8]}, "'activation_shape' must be 3 positive integers"),
+    ({"num_classes": "5"}, "'num_classes' must be 1 positive integers"),
+    ({"probs_output": 3}, "'probs_output' must name a tensor"),
+    ({"labels": "cat"}, "'labels' must be a list of strings"),
+    ({"mean": 5}, "mean must be 3 finite numbers"),
+])
+def test_malformed_metadata_is_a_model_error(tiny_model, tmp_path, edit, message):
+    path = (_with_metadata(tiny_model[1], tmp_path / "m.onnx", edit) if isinstance(edit, str)
+            else _edited_metadata(tiny_model[1], tmp_path / "m.onnx", **edit))
+    with pytest.raises(ModelError, match=message):
+        Explainer(path)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"batch_size": "a"}, "batch_size must be an integer"),
+    ({"batch_size": 2.5}, "batch_size must be an integer"),
+    ({"max_batch": True}, "max_batch must be an integer"),
+    ({"threads": -1}, "threads must be an integer >= 1"),
+])
+def test_engine_options_are_checked(tiny_model, kwargs, message):
+    with pytest.raises(InvalidInputError, match=message):
+        Explainer(tiny_model[1], **kwargs)
+
+
+@pytest.mark.parametrize("method,params,message", [
+    ("rise", {"n_masks": 2**70}, "n_masks=.* is out of range"),
+    ("rise", {"seed": 10**400}, "seed=.* is out of range"),
+    ("rise", {"p1": 10**400}, "p1 must be a float"),
+    ("sidu", {"sigma": "1e999"}, "sigma must be finite"),
+])
+def test_huge_parameters_are_refused(explainer, rgb_image, method, params, message):
+    with pytest.raises(InvalidInputError, match=message):
+        explainer.explain(rgb_image, method, **params)
+
+
+def test_method_must_be_one_name(explainer, rgb_image):
+    with pytest.raises(InvalidInputError, match="unknown method"):
+        explainer.explain(rgb_image, ["sidu"])
+
+
+def test_directory_is_not_an_image(explainer, tmp_path):
+    with pytest.raises(InvalidInputError, match="is a directory, not an image file"):
+        explainer.explain(str(tmp_path), "fem")
+
+
+def _edge_model(path, torch) -> str:
+    """A stand-in HED: one 3x3 convolution of the BGR image and a sigmoid, any input size."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 1, 3, padding=1), torch.nn.Sigmoid()).eval()
+    torch.onnx.export(net, (torch.zeros(1, 3, 40, 48),), str(path), input_names=["image"], output_names=["edges"],
+                      dynamic_axes={"image": {2: "h", 3: "w"}, "edges": {2: "h", 3: "w"}}, opset_version=17,
+                      dynamo=False)
+    return net
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's legacy ONNX exporter
+def test_featurecam_with_an_edge_model_file(explainer, tmp_path):
+    """edges=<HED .onnx>: F is the model's map of the BGR − mean image, at the image's size."""
+    torch = pytest.importorskip("torch")
+    from explainrt.explainers.featurecam import _HED_MEAN_BGR, edge_descriptor
+    from tests.conftest import random_rgb
+
+    net = _edge_model(tmp_path / "edges.onnx", torch)
+    rgb = random_rgb(40, 48)
+    x = torch.from_numpy((rgb[:, :, ::-1].astype(np.float32) - _HED_MEAN_BGR).transpose(2, 0, 1).copy())[None]
+    with torch.no_grad():
+        want = net(x)[0, 0].numpy()
+    np.testing.assert_allclose(edge_descriptor(rgb, str(tmp_path / "edges.onnx")), want, atol=1e-5)
+    result = explainer.explain(rgb, "featurecam", base="fem", edges=str(tmp_path / "edges.onnx"))
+    assert result.visualization.shape == (32, 32, 3) and np.isfinite(result.saliency).all()
+
+
+def test_a_classifier_is_not_an_edge_model(explainer, tiny_model, rgb_image):
+    with pytest.raises(InvalidInputError, match="is not an edge model"):
+        explainer.explain(rgb_image, "featurecam", base="fem", edges=tiny_model[1])

@@ -69,6 +69,40 @@ def test_explain_corrupt_image(tiny_model, tmp_path):
     assert proc.returncode == 2 and "could not decode" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_truncated_png_is_one_error_line_per_image(tiny_model, tmp_path):
+    """Our error only: no OpenCV warning line, and the path once."""
+    good = write_image(tmp_path / "good.png", random_rgb(32, 32))
+    data = open(good, "rb").read()
+    (tmp_path / "cut.png").write_bytes(data[:len(data) // 2])
+    proc = run_cli("explain", "--model", tiny_model[1], str(tmp_path / "cut.png"), good, "--method", "fem",
+                   "-o", str(tmp_path / "o"), "--no-progress", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"explainrt: error: {tmp_path / 'cut.png'}: could not decode the image ({len(data) // 2} bytes); it is "
+        "corrupt or not in a format OpenCV reads (PNG, JPEG, BMP, TIFF, WebP)"]
+
+
+@pytest.mark.parametrize("command", [
+    ["explain", "--method", "fem"], ["eval", "--methods", "fem"], ["export", "--onnx", "MODEL"],
+])
+def test_output_that_is_a_file_fails_before_any_work(tiny_model, tmp_path, command):
+    img = write_image(tmp_path / "a.png", random_rgb(32, 32))
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    command = [tiny_model[1] if c == "MODEL" else c for c in command]
+    model = [] if command[0] == "export" else ["--model", tiny_model[1], img]
+    target = str(afile / "x.onnx") if command[0] == "export" else str(afile)
+    proc = run_cli(*command, *model, "-o", target, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "is an existing file" in proc.stderr or "cannot create" in proc.stderr
+
+
+def test_bench_json_that_is_a_directory_fails_before_the_runs(tiny_model, tmp_path):
+    proc = run_cli("bench", "--model", tiny_model[1], "--methods", "fem", "--json", str(tmp_path), check=False)
+    assert proc.returncode == 2 and "is a directory" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_explain_model_without_activation_output(tmp_path):
     import onnx
     from onnx import TensorProto, helper

@@ -47,20 +47,35 @@ def canny_edges(rgb: np.ndarray) -> np.ndarray:
 
 @functools.lru_cache(maxsize=4)
 def _hed_session(path: str):
+    """An ONNX Runtime session of the edge model, its I/O checked: (1, 3, H, W) in, an edge map out."""
     import onnxruntime as ort
 
-    return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    try:
+        sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise InvalidInputError(f"could not load the HED edge model {path}: {exc}") from exc
+    inputs, out = sess.get_inputs(), sess.get_outputs()[-1]
+    if len(inputs) != 1 or len(inputs[0].shape) != 4 or inputs[0].shape[1] not in (3, None) and \
+            not isinstance(inputs[0].shape[1], str):
+        raise InvalidInputError(f"{path} is not an edge model: it takes {[(i.name, i.shape) for i in inputs]}, "
+                                "an HED model takes one (1, 3, H, W) BGR image")
+    if len(out.shape) not in (3, 4) or (len(out.shape) == 4 and out.shape[1] not in (1, None)
+                                        and not isinstance(out.shape[1], str)):
+        raise InvalidInputError(f"{path} is not an edge model: its last output '{out.name}' has shape {out.shape}, "
+                                "an HED model outputs a (1, 1, H, W) edge map")
+    return sess
 
 
 def hed_edges(rgb: np.ndarray, model_path: str) -> np.ndarray:
     """Edges from a Holistically-Nested Edge Detection ONNX model (BGR − mean in, the last output's map)."""
-    try:
-        sess = _hed_session(model_path)
-    except Exception as exc:
-        raise InvalidInputError(f"could not load the HED edge model {model_path}: {exc}") from exc
+    sess = _hed_session(model_path)
     bgr = rgb[:, :, ::-1].astype(np.float32) - _HED_MEAN_BGR
     x = np.ascontiguousarray(bgr.transpose(2, 0, 1)[None])
-    out = sess.run(None, {sess.get_inputs()[0].name: x})[-1]
+    try:
+        out = sess.run(None, {sess.get_inputs()[0].name: x})[-1]
+    except Exception as exc:  # e.g. a fixed input size other than the image's
+        raise InvalidInputError(f"the HED edge model {model_path} failed on a {rgb.shape[1]}x{rgb.shape[0]} image: "
+                                f"{exc}") from None
     edge = np.asarray(out, np.float32).reshape(-1, *out.shape[-2:])[0]
     edge = cv2.resize(edge, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_LINEAR)
     return np.clip(edge, 0.0, 1.0)

@@ -83,3 +83,25 @@ def restore_logging():
 def test_serve_rejects_a_directory_without_models(tmp_path, capsys, restore_logging):
     assert main(["serve", "--models", str(tmp_path), "--host", "127.0.0.1", "--port", "0"]) == 2
     assert "no exported model could be loaded" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--port", "99999"], "a port is 0..65535"), (["--metrics-port", "-1"], "a port is 0..65535"),
+    (["--threads", "0"], "must be at least 1"),
+])
+def test_serve_flags_out_of_range(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--models", str(tmp_path), *flags])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_serve_on_a_port_in_use_says_so(server, model_dir, capsys, restore_logging):
+    assert main(["serve", "--models", model_dir, "--host", "127.0.0.1", "--port", str(server.port)]) == 2
+    err = capsys.readouterr().err
+    assert f"could not listen on 127.0.0.1:{server.port}" in err and "Traceback" not in err
+
+
+def test_client_timeout_must_be_positive(capsys):
+    with pytest.raises(SystemExit):
+        main(["client", "--url", "127.0.0.1:1", "--timeout", "-1", "x.png"])
+    assert "must be a positive number" in capsys.readouterr().err

@@ -80,6 +80,14 @@ BAD_REQUESTS = {
                        "over this server's limit of 1000000"),
     "too many targets": (_request(targets=[0, 1, 2, 0, 1]), "INVALID_ARGUMENT", "at most 4 classes"),
     "PNG bomb": (_request(image=_png_header(9000, 5000)), "INVALID_ARGUMENT", "5000x9000 pixels"),
+    "TIFF (size unknown before decoding)": (_request(image=b"II*\x00\x08\x00\x00\x00" + b"\0" * 64),
+                                            "INVALID_ARGUMENT", "PNG or JPEG"),
+    "too many masks in Feature CAM's RISE base": (
+        _request(method="featurecam", params={"base": '"rise"', "base_params": '{"n_masks": 2000000}'}),
+        "INVALID_ARGUMENT", "n_masks=2000000 is over this server's limit"),
+    "huge number": (_request(method="rise", params={"p1": "1" + "0" * 400}), "INVALID_ARGUMENT", "p1 must be"),
+    "unknown map dtype": (_request(output=pb.OutputOptions(saliency_dtype=99)), "INVALID_ARGUMENT",
+                          "FLOAT32 or FLOAT16, got 99"),
 }
 
 
@@ -202,3 +210,65 @@ def test_cancelling_a_stream_stops_its_work(server, client, idle):
     time.sleep(0.3)
     assert server.metrics.masked_pass_total(method="rise") == stopped_at
     assert stopped_at - before < 400_000
+
+
+def test_models_with_malformed_metadata_are_skipped(model_dir, tmp_path):
+    """One bad file in the directory does not keep the others from being served."""
+    import json
+    import os
+
+    import onnx
+
+    good = os.path.join(model_dir, "tiny.onnx")
+    os.link(good, tmp_path / "tiny.onnx")
+    for name, edit in (("listy", "[1, 2]"), ("stringy", {"input_size": "abc"})):
+        model = onnx.load(good)
+        for prop in model.metadata_props:
+            if prop.key == "explainrt":
+                prop.value = edit if isinstance(edit, str) else json.dumps({**json.loads(prop.value), **edit})
+        onnx.save(model, str(tmp_path / f"{name}.onnx"))
+    srv = start_server(str(tmp_path))
+    try:
+        with ExplainClient(f"127.0.0.1:{srv.port}", timeout=30, retries=0) as c:
+            assert [m["name"] for m in c.list_models()] == ["tiny"]
+            assert c.metadata("tiny")["name"] == "tiny"
+            assert c.explain(GOOD, "fem").forward_passes == 1
+    finally:
+        srv.stop(grace=0)
+
+
+def test_stream_items_the_client_cannot_build_are_errors_in_order(client):
+    items = [{"image": GOOD, "method": "fem"}, {"image": "/nonexistent/x.png", "method": "fem"},
+             {"image": GOOD, "method": "scorecam"}, {"image": GOOD, "method": "fem", "bogus": 1},
+             {"image": GOOD, "method": "fem", "target": "cat"}]
+    results = list(client.stream(items, timeout=30))
+    assert [type(r).__name__ for r in results] == ["RemoteExplanation", "RemoteError", "RemoteExplanation",
+                                                    "RemoteError", "RemoteError"]
+    assert [r.index for r in results] == [0, 1, 2, 3, 4]
+    assert results[1].code == "INVALID_ARGUMENT" and "image file not found" in results[1].message
+    assert "bogus" in results[3].message and "class index" in results[4].message
+    assert results[2].forward_passes > 1
+
+
+def test_a_failing_request_iterable_is_raised_after_the_results(client):
+    def items():
+        yield {"image": GOOD, "method": "fem"}
+        raise KeyError("the caller's own bug")
+
+    got = []
+    with pytest.raises(KeyError, match="the caller's own bug"):
+        for result in client.stream(items(), timeout=30):
+            got.append(result)
+    assert len(got) == 1 and got[0].forward_passes == 1
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"target": "cat"}, "class index"), ({"target": 1.5}, "class index"), ({"target": []}, "target list is empty"),
+    ({"target": 2**40}, "out of range"), ({"params": {"k": object()}}, "cannot be sent as JSON"),
+    ({"top_k": 2**40}, "top_k"), ({"image": "/"}, "is a directory"),
+])
+def test_client_checks_its_arguments(client, kwargs, message):
+    from explainrt.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match=message):
+        client.request(**{"image": GOOD, **kwargs})
