@@ -140,6 +140,9 @@ def normalise(rgb: np.ndarray, meta: ModelMetadata) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
 
 
+PREPROCESSED_LIMIT = 1e6  # |(pixel - mean) / std| of any sane normalisation is far below this
+
+
 def check_preprocessed(x: np.ndarray, meta: ModelMetadata, name: str = "input") -> np.ndarray:
     """Validate an already-normalised float array (3,H,W) or (1,3,H,W) and return (1,3,H,W)."""
     if x.ndim == 3:
@@ -150,9 +153,16 @@ def check_preprocessed(x: np.ndarray, meta: ModelMetadata, name: str = "input") 
             f"{name}: a preprocessed array must have shape {expected[1:]} or {expected}, got {tuple(x.shape)}; "
             "pass an H×W×3 uint8 image instead to let explainrt resize and normalise it"
         )
+    with np.errstate(over="ignore", invalid="ignore"):
+        x = np.ascontiguousarray(x, dtype=np.float32)
     if not np.all(np.isfinite(x)):
-        raise InvalidInputError(f"{name}: the preprocessed array contains NaN or Inf values")
-    return np.ascontiguousarray(x, dtype=np.float32)
+        raise InvalidInputError(f"{name}: the preprocessed array contains NaN or Inf values (as float32)")
+    peak = float(np.abs(x).max())
+    if peak > PREPROCESSED_LIMIT:
+        raise InvalidInputError(
+            f"{name}: the preprocessed array holds values up to {peak:.3g}; normalised pixels ((pixel - mean) / std) "
+            f"stay far below {PREPROCESSED_LIMIT:g} — pass the uint8 image to let explainrt normalise it")
+    return x
 
 
 def prepare_image(image: ImageLike, meta: ModelMetadata, name: Optional[str] = None) -> PreparedImage:

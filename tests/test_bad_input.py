@@ -243,3 +243,11 @@ def test_featurecam_with_an_edge_model_file(explainer, tmp_path):
 def test_a_classifier_is_not_an_edge_model(explainer, tiny_model, rgb_image):
     with pytest.raises(InvalidInputError, match="is not an edge model"):
         explainer.explain(rgb_image, "featurecam", base="fem", edges=tiny_model[1])
+
+
+@pytest.mark.parametrize("value,message", [(1e300, "NaN or Inf values"), (3e38, "values up to 3e\\+38")])
+def test_preprocessed_values_out_of_range(explainer, value, message):
+    x = np.zeros((3, 32, 32), np.float64)
+    x[0, 0, 0] = value
+    with pytest.raises(InvalidInputError, match=message):
+        explainer.explain(x, "fem")

@@ -115,7 +115,10 @@ def expose_activation(src: str, dst: str, activation: Optional[str] = None,
     produced = {out: node for node in graph.node for out in node.output}
     if activation is None:
         activation = find_pooled_activation(model)
-    elif activation not in produced and activation not in {i.name for i in graph.input}:
+    elif activation in {i.name for i in graph.input}:
+        raise InvalidInputError(f"{activation!r} is the model's input, not an activation: name a 4-D tensor a "
+                                "convolution produces (the last one before global pooling is the usual choice)")
+    elif activation not in produced:
         raise InvalidInputError(f"{src} has no tensor named {activation!r}")
     if len(graph.output) < 1:
         raise ModelError(f"{src} has no outputs")

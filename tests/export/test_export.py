@@ -99,6 +99,10 @@ def test_expose_named_activation_and_errors(tmp_path):
     assert meta.activation_shape == (8, 32, 32)
     with pytest.raises(InvalidInputError, match="no tensor named"):
         expose_activation(src, str(tmp_path / "x.onnx"), activation="missing_tensor")
+    with pytest.raises(InvalidInputError, match="is the model's input, not an activation"):
+        expose_activation(src, str(tmp_path / "x.onnx"), activation=onnx.load(src).graph.input[0].name)
+    with pytest.raises(InvalidInputError, match="input size must be positive"):
+        expose_activation(src, str(tmp_path / "x.onnx"), input_size=(0, 0))
     with pytest.raises(ModelError, match="not found"):
         expose_activation(str(tmp_path / "nope.onnx"), str(tmp_path / "x.onnx"))
     assert names  # the graph is non-empty
