@@ -11,7 +11,7 @@ import numpy as np
 
 from .errors import InvalidInputError, ModelError
 from .explainers import METHODS
-from .explainers.base import Context, minmax
+from .explainers.base import Context, check_range, minmax
 from .explainers.driver import run_masked_passes
 from .imaging import ImageLike, PreparedImage, denormalise, overlay, prepare_image
 from .kernels import get_ops, to_host
@@ -90,6 +90,7 @@ class Explanation(FirstTargetView):
 
     def top_k(self, k: int = 5) -> list[tuple[int, float]]:
         """The k most probable classes of the original input as (class, probability)."""
+        k = check_range("k", k, low=0, kind=int)
         order = np.argsort(-self.probs)[:k]
         return [(int(i), float(self.probs[i])) for i in order]
 
@@ -97,7 +98,7 @@ class Explanation(FirstTargetView):
         """Heatmap over the original image at its original size (RGB uint8)."""
         if self.image is None:
             raise InvalidInputError("no original image to overlay on (the input was a preprocessed array)")
-        return overlay(self.image, self.saliency, alpha)
+        return overlay(self.image, self.saliency, check_range("alpha", alpha, low=0.0, high=1.0))
 
 
 class Explainer:
@@ -152,6 +153,10 @@ class Explainer:
         called as ``progress(done, total)`` over masked passes; setting ``cancel`` stops the
         work between two chunks.
         """
+        if cancel is not None and not callable(getattr(cancel, "is_set", None)):
+            raise InvalidInputError(f"cancel must be a threading.Event (or None), got {type(cancel).__name__}")
+        if progress is not None and not callable(progress):
+            raise InvalidInputError(f"progress must be a callable(done, total) (or None), got {type(progress).__name__}")
         if not isinstance(method, str) or method not in METHODS:
             raise InvalidInputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)} (one name)")
         algo = METHODS[method].create(**params)

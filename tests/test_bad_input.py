@@ -251,3 +251,15 @@ def test_preprocessed_values_out_of_range(explainer, value, message):
     x[0, 0, 0] = value
     with pytest.raises(InvalidInputError, match=message):
         explainer.explain(x, "fem")
+
+
+def test_result_accessors_and_hooks_check_their_arguments(explainer, rgb_image):
+    result = explainer.explain(rgb_image, "fem")
+    with pytest.raises(InvalidInputError, match="alpha must be <= 1"):
+        result.overlay(alpha=2)
+    with pytest.raises(InvalidInputError, match="parameter k must be an int"):
+        result.top_k("a")
+    with pytest.raises(InvalidInputError, match="cancel must be a threading.Event"):
+        explainer.explain(rgb_image, "fem", cancel=True)
+    with pytest.raises(InvalidInputError, match="progress must be a callable"):
+        explainer.explain(rgb_image, "fem", progress=3)

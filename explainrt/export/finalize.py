@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
+from typing import Callable
 
 import numpy as np
 
@@ -9,6 +12,27 @@ from ..errors import ModelError
 from .metadata import ModelMetadata, check_labels, write_metadata
 
 log = logging.getLogger(__name__)
+
+
+def write_checked(path: str, meta: ModelMetadata, write: Callable[[str], None]) -> ModelMetadata:
+    """``write(tmp)`` the ONNX file beside ``path``, probe and complete it, then move it to ``path``.
+
+    A failed export leaves no file behind (nor replaces an older good one at ``path``).
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        meta = probe_and_store(tmp, meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    log.info("exported %s: activation %s %s, %d classes", path, meta.activation_output, meta.activation_shape,
+             meta.num_classes)
+    return meta
 
 
 def probe_and_store(path: str, meta: ModelMetadata) -> ModelMetadata:
@@ -49,6 +73,4 @@ def probe_and_store(path: str, meta: ModelMetadata) -> ModelMetadata:
     model = onnx.load(path)
     write_metadata(model, meta)
     onnx.save(model, path)
-    log.info("exported %s: activation %s %s, %d classes", path, meta.activation_output, meta.activation_shape,
-             meta.num_classes)
     return meta

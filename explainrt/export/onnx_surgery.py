@@ -6,7 +6,7 @@ import os
 from typing import Optional, Sequence
 
 from ..errors import InvalidInputError, ModelError
-from .finalize import probe_and_store
+from .finalize import write_checked
 from .metadata import ModelMetadata, check_input_size, check_normalisation, load_onnx
 
 log = logging.getLogger(__name__)
@@ -147,8 +147,6 @@ def expose_activation(src: str, dst: str, activation: Optional[str] = None,
         onnx.checker.check_model(model)
     except Exception as exc:
         raise ModelError(f"the modified model fails the ONNX checker: {exc}") from exc
-    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    onnx.save(model, dst)
     meta = ModelMetadata(
         input_name=inp.name, input_size=input_size, logits_output=logits,
         probs_output=probs, activation_output=activation, activation_shape=(0, 0, 0), num_classes=0,
@@ -156,4 +154,4 @@ def expose_activation(src: str, dst: str, activation: Optional[str] = None,
         labels=list(labels) if labels is not None else None, activation_layer=activation,
         name=name or os.path.splitext(os.path.basename(src))[0], source="onnx",
     )
-    return probe_and_store(dst, meta)
+    return write_checked(dst, meta, lambda tmp: onnx.save(model, tmp))

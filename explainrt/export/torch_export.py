@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import logging
-import os
 from typing import Optional, Sequence
 
 from ..errors import InvalidInputError, ModelError, require
-from .finalize import probe_and_store
+from .finalize import write_checked
 from .metadata import ModelMetadata, check_input_size, check_normalisation
 
 log = logging.getLogger(__name__)
@@ -106,14 +105,15 @@ def export_torch(model, path: str, input_size: Sequence[int] = (224, 224), layer
         raise ModelError(f"the model does not run on a (1, 3, {h}, {w}) RGB batch: {exc}") from exc
     if logits.dim() != 2:
         raise ModelError(f"the model's output has shape {tuple(logits.shape)}; expected logits (N, classes)")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     axes = {n: {0: "batch"} for n in ("input", *OUTPUT_NAMES)}
     import warnings
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(wrapped, (example,), path, input_names=["input"], output_names=list(OUTPUT_NAMES),
-                          dynamic_axes=axes, opset_version=opset, dynamo=False, do_constant_folding=True)
+    def write(tmp: str) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(wrapped, (example,), tmp, input_names=["input"], output_names=list(OUTPUT_NAMES),
+                              dynamic_axes=axes, opset_version=opset, dynamo=False, do_constant_folding=True)
+
     meta = ModelMetadata(
         input_name="input", input_size=(h, w), logits_output="logits", probs_output="probs",
         activation_output="activations", activation_shape=(0, 0, 0), num_classes=0,
@@ -122,4 +122,4 @@ def export_torch(model, path: str, input_size: Sequence[int] = (224, 224), layer
         activation_layer=f"{layer}" if call_index in (0, -1) else f"{layer}#{call_index}",
         name=name or type(model).__name__, source="torch",
     )
-    return probe_and_store(path, meta)
+    return write_checked(path, meta, write)

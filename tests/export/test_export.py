@@ -101,6 +101,10 @@ def test_expose_named_activation_and_errors(tmp_path):
         expose_activation(src, str(tmp_path / "x.onnx"), activation="missing_tensor")
     with pytest.raises(InvalidInputError, match="is the model's input, not an activation"):
         expose_activation(src, str(tmp_path / "x.onnx"), activation=onnx.load(src).graph.input[0].name)
+    logits = onnx.load(src).graph.output[0].name
+    with pytest.raises(ModelError, match="name a 4-D tensor before global pooling"):
+        expose_activation(src, str(tmp_path / "failed.onnx"), activation=logits)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["named.onnx", "plain.onnx"], "a failed export left a file"
     with pytest.raises(InvalidInputError, match="input size must be positive"):
         expose_activation(src, str(tmp_path / "x.onnx"), input_size=(0, 0))
     with pytest.raises(ModelError, match="not found"):
