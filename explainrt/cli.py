@@ -118,9 +118,7 @@ def _explain_images(args, images: list[str]) -> int:
     from .outputs import dumps, parse_methods, prepare_output_dir, result_line, result_record, write_result_files
 
     methods = parse_methods(args.method)
-    params = parse_params(args.param)
-    for method in methods:  # unknown parameters fail before any image is read
-        method_params(params, method)
+    params = params_by_method(parse_params(args.param), methods)  # bad parameters fail before any image is read
     prepare_output_dir(args.output)
     explainer = Explainer(args.model, batch_size=args.batch_size, backend=args.backend, device=args.device,
                           **({"threads": args.threads} if args.threads else {}))
@@ -132,8 +130,7 @@ def _explain_images(args, images: list[str]) -> int:
             bar = ProgressBar(f"{stem} {method}", show_bar)
             t0 = time.perf_counter()
             try:
-                result = explainer.explain(path, method, target=args.target, progress=bar,
-                                           **method_params(params, method))
+                result = explainer.explain(path, method, target=args.target, progress=bar, **params[method])
             except InvalidInputError as exc:
                 bar.close()
                 if len(images) == 1:
@@ -154,6 +151,20 @@ def _explain_images(args, images: list[str]) -> int:
                 print(result_line(stem, method, result.target, result.label, prob, result.forward_passes, seconds,
                                   files))
     return 1 if failures else 0
+
+
+def params_by_method(params: dict, methods: list[str]) -> dict[str, dict]:
+    """Each method's `-p` parameters, every value checked by the method before any work starts."""
+    from .explainers import METHODS
+
+    picked = {}
+    for method in methods:
+        picked[method] = method_params(params, method)
+        try:
+            METHODS[method].create(**picked[method])
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"{method}: {exc}") from None
+    return picked
 
 
 def method_params(params: dict, method: str) -> dict:

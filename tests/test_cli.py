@@ -170,6 +170,7 @@ def test_scoped_parameters_reach_one_method(tiny_model, tmp_path):
     (["--method", "fem,bogus"], "unknown method 'bogus'"),
     (["-p", "gradcam.k=1"], "unknown method 'gradcam'"),
     (["-p", "fem.n_masks=3"], "unknown parameter 'fem.n_masks'"),
+    (["-p", "k=2"], "featurecam: parameter k must be <= 1"),  # a value only the last method refuses
 ])
 def test_methods_and_parameters_checked_before_any_image(tiny_model, tmp_path, args, message):
     imgs = [write_image(tmp_path / f"{i}.png", random_rgb(32, 32, seed=i)) for i in range(2)]

@@ -7,7 +7,7 @@ import os
 import sys
 import tempfile
 
-from ..cli import positive_int
+from ..cli import params_by_method, positive_int
 from ..errors import InvalidInputError
 
 log = logging.getLogger(__name__)
@@ -26,12 +26,6 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def _per_method_params(params: dict, methods: list) -> dict:
-    from ..cli import method_params
-
-    return {m: method_params(params, m) for m in methods}
-
-
 def _engine_options(args) -> dict:
     return {"threads": args.threads} if args.threads else {}
 
@@ -46,7 +40,7 @@ def cmd_eval(args) -> int:
 
     methods = parse_methods(args.methods)
     prepare_output_dir(args.output)
-    params = _per_method_params(parse_params(args.param), methods)
+    params = params_by_method(parse_params(args.param), methods)
     if args.step < 1:
         raise InvalidInputError(f"--step must be at least 1 pixel, got {args.step}")
     if args.reference_dir and not os.path.isdir(args.reference_dir):
@@ -163,7 +157,7 @@ def cmd_bench(args) -> int:
     methods = parse_methods(args.methods)
     if args.json:
         prepare_output_file(args.json)
-    params = _per_method_params(parse_params(args.param), methods)
+    params = params_by_method(parse_params(args.param), methods)
     batch_sizes = _int_list(args.batch_sizes)
     image = _bench_image(args.image)
     machine = bench.describe_machine()

@@ -100,7 +100,7 @@ def cmd_serve(args) -> int:
 
 def cmd_client(args) -> int:
     require("grpc", "serve", "`explainrt client`")
-    from ..cli import ProgressBar, method_params, parse_params
+    from ..cli import ProgressBar, params_by_method, parse_params
     from ..client import ExplainClient, RemoteError
     from ..imaging import check_image_path, read_image
     from ..outputs import dumps, parse_methods, prepare_output_dir, result_line, result_record, write_result_files
@@ -119,20 +119,21 @@ def cmd_client(args) -> int:
         if args.target is not None and args.target < 0:
             raise InvalidInputError(f"--target must be a class index >= 0, got {args.target}")
         methods = parse_methods(args.method)
-        params = parse_params(args.param)
+        params = params_by_method(parse_params(args.param), methods)
         prepare_output_dir(args.output)
         for path in args.images:
             check_image_path(path)  # a missing file or a directory fails before any request
         jobs = [(path, method) for path in args.images for method in methods]
         requests = ({"image": path, "method": method, "target": args.target,
-                     "params": method_params(params, method), "request_id": f"{os.path.basename(path)}:{method}"}
+                     "params": params[method], "request_id": f"{os.path.basename(path)}:{method}"}
                     for path, method in jobs)
         show_bar = not args.no_progress
         bars: dict[int, ProgressBar] = {}
 
         def progress(index: int, done: int, total: int) -> None:
             path, method = jobs[index]
-            bar = bars.setdefault(index, ProgressBar(f"{os.path.basename(path)} {method}", show_bar))
+            bar = bars.setdefault(index, ProgressBar(f"{os.path.splitext(os.path.basename(path))[0]} {method}",
+                                                     show_bar))
             bar(done, total)
 
         failures = 0
@@ -153,13 +154,16 @@ def cmd_client(args) -> int:
                 originals[path] = read_image(path)
             files = write_result_files(args.output, stem, method, item.saliency.astype("float32"), originals[path],
                                        item.visualization)
+            # The server's time on this item: a stream's items are all sent at once and wait for each
+            # other in its queue, so the end-to-end latency would add up the items before it.
+            seconds = sum(item.timings[k] for k in ("preprocess_s", "base_pass_s", "explain_s", "postprocess_s"))
             if args.json:
                 print(dumps(result_record(path, method, item.target, item.label, item.probability,
-                                          item.forward_passes, item.latency_s, files,
+                                          item.forward_passes, seconds, files,
                                           [[c, round(p, 6)] for c, p in item.top_k(5)])))
             else:
                 print(result_line(stem, method, item.target, item.label, item.probability, item.forward_passes,
-                                  item.latency_s, files))
+                                  seconds, files))
         log.info("event=client_done items=%d failures=%d seconds=%.3f", len(jobs), failures,
                  time.perf_counter() - t_start)
     return 1 if failures else 0

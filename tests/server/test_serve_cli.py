@@ -105,3 +105,13 @@ def test_client_timeout_must_be_positive(capsys):
     with pytest.raises(SystemExit):
         main(["client", "--url", "127.0.0.1:1", "--timeout", "-1", "x.png"])
     assert "must be a positive number" in capsys.readouterr().err
+
+
+def test_client_reports_each_items_own_time(server, png_path, tmp_path, capsys):
+    """A stream's items are sent at once: an item's seconds must not include the items before it."""
+    import json
+
+    assert main(["client", png_path, "--url", f"127.0.0.1:{server.port}", "--model", "tiny", "--method", "rise,fem",
+                 "-p", "rise.n_masks=8000", "-o", str(tmp_path), "--no-progress", "--json"]) == 0
+    records = {r["method"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert records["fem"]["seconds"] < records["rise"]["seconds"] / 4
