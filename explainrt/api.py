@@ -10,6 +10,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 
 from .errors import InvalidInputError, ModelError
+from ._repr import CompactRepr
 from .explainers import METHODS
 from .explainers.base import Context, check_range, minmax
 from .explainers.driver import run_masked_passes
@@ -45,7 +46,7 @@ def target_indices(target: Target, num_classes: Optional[int] = None) -> list[in
     return out
 
 
-class FirstTargetView:
+class FirstTargetView(CompactRepr):
     """``saliency``/``target``/``label`` of the first requested class, for single-target use."""
 
     saliency_maps: np.ndarray
@@ -65,7 +66,7 @@ class FirstTargetView:
         return self.labels[0]
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class Explanation(FirstTargetView):
     """The result of one explanation.
 

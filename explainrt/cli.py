@@ -115,17 +115,18 @@ def cmd_export(args) -> int:
 
 def _explain_images(args, images: list[str]) -> int:
     from . import Explainer
-    from .outputs import dumps, parse_methods, prepare_output_dir, result_line, result_record, write_result_files
+    from .outputs import (dumps, output_stems, parse_methods, prepare_output_dir, result_line, result_record,
+                          write_result_files)
 
     methods = parse_methods(args.method)
     params = params_by_method(parse_params(args.param), methods)  # bad parameters fail before any image is read
+    stems = output_stems(images)
     prepare_output_dir(args.output)
     explainer = Explainer(args.model, batch_size=args.batch_size, backend=args.backend, device=args.device,
                           **({"threads": args.threads} if args.threads else {}))
     show_bar = not args.no_progress
     failures = 0
-    for path in images:
-        stem = os.path.splitext(os.path.basename(path))[0]
+    for path, stem in zip(images, stems):
         for method in methods:
             bar = ProgressBar(f"{stem} {method}", show_bar)
             t0 = time.perf_counter()

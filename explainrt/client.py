@@ -36,7 +36,7 @@ class RemoteError(ExplainRTError):
         self.code, self.message, self.index, self.request_id = code, message, index, request_id
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class RemoteExplanation(FirstTargetView):
     """One explanation returned by the server (maps already decoded to NumPy)."""
 

@@ -25,6 +25,21 @@ def parse_methods(spec: str) -> list[str]:
     return methods
 
 
+def output_stems(paths: list[str]) -> list[str]:
+    """The file stem each image's outputs are named after; two images with one stem are refused
+    (their outputs would overwrite each other)."""
+    from .errors import InvalidInputError
+
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    seen: dict[str, str] = {}
+    for path, stem in zip(paths, stems):
+        if stem in seen and seen[stem] != path:
+            raise InvalidInputError(f"{seen[stem]} and {path} would both write {stem}.<method>.png/.npy into the "
+                                    "output directory; rename one, or explain them in separate runs with other -o")
+        seen[stem] = path
+    return stems
+
+
 def prepare_output_dir(path: str) -> str:
     """Create the output directory ``path`` now, before any work, or say why it cannot be."""
     from .errors import InvalidInputError

@@ -263,3 +263,20 @@ def test_result_accessors_and_hooks_check_their_arguments(explainer, rgb_image):
         explainer.explain(rgb_image, "fem", cancel=True)
     with pytest.raises(InvalidInputError, match="progress must be a callable"):
         explainer.explain(rgb_image, "fem", progress=3)
+
+
+def test_results_print_array_shapes_not_numbers(explainer, rgb_image):
+    text = repr(explainer.explain(rgb_image, "fem"))
+    assert text.startswith("Explanation(method='fem'") and "saliency_maps=<array 1x32x32 float32>" in text
+    assert len(text) < 1500
+
+
+def test_export_torch_takes_the_module_itself_as_layer(tmp_path):
+    from explainrt.export import export_torch
+    from tests.conftest import tiny_cnn
+
+    model = tiny_cnn()
+    meta = export_torch(model, str(tmp_path / "m.onnx"), input_size=(32, 32), layer=model[1])
+    assert meta.activation_layer == "1" and meta.activation_shape == (8, 32, 32)
+    with pytest.raises(InvalidInputError, match="not in the model"):
+        export_torch(model, str(tmp_path / "n.onnx"), input_size=(32, 32), layer=tiny_cnn()[1])

@@ -190,3 +190,13 @@ def test_export_missing_labels_file(tmp_path):
     proc = run_cli("export", "--onnx", str(tmp_path / "x.onnx"), "--labels", str(tmp_path / "none.txt"),
                    "-o", str(tmp_path / "y.onnx"), check=False)
     assert proc.returncode == 2 and "labels file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_two_images_with_one_stem_are_refused_before_any_work(tiny_model, tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    imgs = [write_image(tmp_path / d / "x.png", random_rgb(32, 32)) for d in ("a", "b")]
+    proc = run_cli("explain", "--model", tiny_model[1], *imgs, "--method", "fem", "-o", str(tmp_path / "o"),
+                   check=False)
+    assert proc.returncode == 2 and "would both write x.<method>.png" in proc.stderr
+    assert not (tmp_path / "o").exists()

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 from ..errors import InvalidInputError, ModelError, require
 from .finalize import write_checked
@@ -67,13 +67,13 @@ def _wrap(model, layer: str, call_index: int):
     return WithActivations()
 
 
-def export_torch(model, path: str, input_size: Sequence[int] = (224, 224), layer: Optional[str] = None,
+def export_torch(model, path: str, input_size: Sequence[int] = (224, 224), layer: Union[str, Any, None] = None,
                  mean: Sequence[float] = (0.485 * 255, 0.456 * 255, 0.406 * 255),
                  std: Sequence[float] = (0.229 * 255, 0.224 * 255, 0.225 * 255),
                  labels: Optional[Sequence[str]] = None, name: Optional[str] = None, opset: int = 17) -> ModelMetadata:
     """Export a torch classifier (returning logits) to ONNX with activation outputs and metadata.
 
-    ``layer``: module name (``model.named_modules()``) whose output to explain; default the
+    ``layer``: module name (``model.named_modules()``), or the module, whose output to explain; default the
     last module with a 4-D output before global pooling. ``mean``/``std`` are RGB, 0–255
     scale. The batch axis is dynamic; opset ≥ 17.
     """
@@ -93,6 +93,12 @@ def export_torch(model, path: str, input_size: Sequence[int] = (224, 224), layer
             raise ModelError(f"the model does not run on a (1, 3, {h}, {w}) RGB batch: {exc}") from exc
     else:
         modules = dict(model.named_modules())
+        if not isinstance(layer, str):  # the module itself
+            named = [n for n, m in modules.items() if m is layer]
+            if not named:
+                raise InvalidInputError(f"layer must be a module name (see model.named_modules()) or one of the "
+                                        f"model's modules; got a {type(layer).__name__} that is not in the model")
+            layer = named[-1]
         if layer not in modules:
             near = [n for n in modules if n and layer.split(".")[-1] in n][:5]
             raise InvalidInputError(f"model has no module named {layer!r}" + (f"; similar: {near}" if near else ""))

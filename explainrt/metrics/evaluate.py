@@ -17,6 +17,7 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from .._repr import CompactRepr
 from ..errors import InvalidInputError, require
 from ..imaging import read_image
 from .base import format_rows
@@ -44,8 +45,8 @@ METRICS = (
 )
 
 
-@dataclasses.dataclass
-class ImageEvaluation:
+@dataclasses.dataclass(repr=False)
+class ImageEvaluation(CompactRepr):
     """Every score of one (image, method) pair."""
 
     image: str

@@ -17,6 +17,7 @@ from typing import Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from .._repr import CompactRepr
 from ..errors import InvalidInputError
 from ..imaging import ImageLike
 from ..kernels import to_host
@@ -33,8 +34,8 @@ BLUR_SIGMA = 5.0
 ProgressFn = Callable[[int, int], None]
 
 
-@dataclasses.dataclass
-class CausalCurve:
+@dataclasses.dataclass(repr=False)
+class CausalCurve(CompactRepr):
     """One insertion or deletion curve: ``scores[i]`` is p_c after ``i·step`` pixels moved."""
 
     mode: str

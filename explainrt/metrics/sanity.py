@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .._repr import CompactRepr
 from ..errors import InvalidInputError, require
 from ..imaging import ImageLike
 from .similarity import spearman
@@ -24,8 +25,8 @@ from .similarity import spearman
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass
-class SanityResult:
+@dataclasses.dataclass(repr=False)
+class SanityResult(CompactRepr):
     """``correlations[method][k]``: Spearman ρ of the map after randomising ``steps[k]`` vs the original."""
 
     steps: list[str]  # "original", then the layer randomised at each step (cumulative)

@@ -103,12 +103,14 @@ def cmd_client(args) -> int:
     from ..cli import ProgressBar, params_by_method, parse_params
     from ..client import ExplainClient, RemoteError
     from ..imaging import check_image_path, read_image
-    from ..outputs import dumps, parse_methods, prepare_output_dir, result_line, result_record, write_result_files
+    from ..outputs import (dumps, output_stems, parse_methods, prepare_output_dir, result_line, result_record,
+                           write_result_files)
 
     with ExplainClient(args.url, timeout=args.timeout, model=args.model) as client:
         if args.health:
-            print(client.health(args.model or ""))
-            return 0
+            status = client.health(args.model or "")
+            print(status)
+            return 0 if status == "SERVING" else 1
         if args.list_models:
             for model in client.list_models():
                 print(f"{model['name']:<24} {model['input_size'][0]}x{model['input_size'][1]} "
@@ -120,6 +122,7 @@ def cmd_client(args) -> int:
             raise InvalidInputError(f"--target must be a class index >= 0, got {args.target}")
         methods = parse_methods(args.method)
         params = params_by_method(parse_params(args.param), methods)
+        output_stems(args.images)
         prepare_output_dir(args.output)
         for path in args.images:
             check_image_path(path)  # a missing file or a directory fails before any request

@@ -53,6 +53,9 @@ class ModelRepository:
     """
 
     def __init__(self, directory: str, batch_size: int = 64, **engine_options):
+        if os.path.isfile(directory):
+            raise ModelError(f"--models takes a directory (every exported model in it is served), not the file "
+                             f"{directory}; pass its directory: --models {os.path.dirname(directory) or '.'}")
         if not os.path.isdir(directory):
             raise ModelError(f"model directory not found: {directory}; pass --models DIR with exported .onnx files")
         self.directory = directory

@@ -115,3 +115,12 @@ def test_client_reports_each_items_own_time(server, png_path, tmp_path, capsys):
                  "-p", "rise.n_masks=8000", "-o", str(tmp_path), "--no-progress", "--json"]) == 0
     records = {r["method"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
     assert records["fem"]["seconds"] < records["rise"]["seconds"] / 4
+
+
+def test_health_exit_code_and_models_given_as_a_file(server, model_dir, tmp_path, capsys, restore_logging):
+    import os
+
+    assert main(["client", "--url", f"127.0.0.1:{server.port}", "--health", "--model", "nope"]) == 1
+    assert capsys.readouterr().out.strip() == "SERVICE_UNKNOWN"
+    assert main(["serve", "--models", os.path.join(model_dir, "tiny.onnx"), "--port", "0"]) == 2
+    assert "--models takes a directory" in capsys.readouterr().err
