@@ -150,7 +150,7 @@ def _explain_images(args, images: list[str]) -> int:
                                           seconds, files, [[c, round(p, 6)] for c, p in result.top_k(5)])))
             else:
                 print(result_line(stem, method, result.target, result.label, prob, result.forward_passes, seconds,
-                                  files))
+                                  files, result.saliency))
     return 1 if failures else 0
 
 
@@ -230,7 +230,8 @@ def cmd_demo(args) -> int:
 
 
 def _add_explain_options(p) -> None:
-    p.add_argument("--method", default="all", help="sidu|scorecam|rise|fem|featurecam|all, or a comma list")
+    p.add_argument("--method", default="all",
+                   help="sidu|scorecam|rise|fem|featurecam|all, or a comma list (default: all)")
     p.add_argument("-o", "--output", default="out", help="output directory (default: out)")
     p.add_argument("--target", type=int, default=None, help="class to explain (default: the top-1 class)")
     p.add_argument("-p", "--param", action="append", metavar="NAME=VALUE",

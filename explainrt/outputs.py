@@ -100,11 +100,15 @@ def result_record(image_name: str, method: str, target: int, label: str, prob: f
 
 
 def result_line(image_name: str, method: str, target: int, label: str, prob: float, forward_passes: int,
-                seconds: float, files: dict) -> str:
-    """The one human-readable line printed per (image, method)."""
+                seconds: float, files: dict, saliency: Optional[np.ndarray] = None) -> str:
+    """The one human-readable line printed per (image, method); a constant map says so."""
     where = files.get("png") or files.get("npy")
-    return (f"{image_name}: {label} ({target}) p={prob:.3f} | {method}: {forward_passes} forward passes "
+    line = (f"{image_name}: {label} ({target}) p={prob:.3f} | {method}: {forward_passes} forward passes "
             f"in {seconds:.2f} s -> {where}")
+    if saliency is not None and float(saliency.max()) == float(saliency.min()):
+        line += (" (constant map: the method found no evidence for this class, e.g. no activation above SIDU's "
+                 "threshold or no positive weight; try another method or its parameters)")
+    return line
 
 
 def dumps(record: dict) -> str:

@@ -200,3 +200,24 @@ def test_two_images_with_one_stem_are_refused_before_any_work(tiny_model, tmp_pa
                    check=False)
     assert proc.returncode == 2 and "would both write x.<method>.png" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_a_constant_map_is_pointed_out(tmp_path):
+    """SIDU on a model whose activations never pass τ = 0.5: an all-zero map, and the line says why."""
+    import torch
+
+    from explainrt.export import export_torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Sigmoid(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].bias.fill_(-5.0)  # sigmoid(-5) = 0.007 everywhere: no SIDU mask
+    path = str(tmp_path / "flat.onnx")
+    export_torch(model, path, input_size=(8, 8), layer="1")
+    img = write_image(tmp_path / "a.png", random_rgb(8, 8))
+    proc = run_cli("explain", "--model", path, img, "--method", "sidu,fem", "-o", str(tmp_path / "o"), "--no-progress")
+    sidu, fem = proc.stdout.strip().splitlines()
+    assert "sidu:" in sidu and "constant map" in sidu
+    assert "fem:" in fem

@@ -50,7 +50,8 @@ def register(subparsers) -> None:
     p.add_argument("images", nargs="*", help="image files")
     p.add_argument("--url", required=True, help="server address HOST:PORT")
     p.add_argument("--model", default=None, help="model name (default: the server's only model)")
-    p.add_argument("--method", default="all", help="sidu|scorecam|rise|fem|featurecam|all, or a comma list")
+    p.add_argument("--method", default="all",
+                   help="sidu|scorecam|rise|fem|featurecam|all, or a comma list (default: all)")
     p.add_argument("-o", "--output", default="out", help="output directory (default: out)")
     p.add_argument("--target", type=int, default=None, help="class to explain (default: the top-1 class)")
     p.add_argument("-p", "--param", action="append", metavar="NAME=VALUE",
@@ -166,7 +167,7 @@ def cmd_client(args) -> int:
                                           [[c, round(p, 6)] for c, p in item.top_k(5)])))
             else:
                 print(result_line(stem, method, item.target, item.label, item.probability, item.forward_passes,
-                                  seconds, files))
+                                  seconds, files, item.saliency))
         log.info("event=client_done items=%d failures=%d seconds=%.3f", len(jobs), failures,
                  time.perf_counter() - t_start)
     return 1 if failures else 0
