@@ -9,8 +9,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from .errors import InvalidInputError, ModelError
 from ._repr import CompactRepr
+from .errors import InvalidInputError, ModelError
 from .explainers import METHODS
 from .explainers.base import Context, check_range, minmax
 from .explainers.driver import run_masked_passes

@@ -91,7 +91,7 @@ def parse_request(request: pb.ExplainRequest, models: ModelRepository,
             f"parameter edges={params['edges']!r} is not offered by the server: use one of "
             f"{', '.join(BUILTIN_EDGES)} (the server does not load edge models named by clients)")
     try:
-        method_obj = METHODS[method].create(**params)  # unknown parameters, out-of-range values fail here, before queueing
+        method_obj = METHODS[method].create(**params)  # bad parameters fail here, before queueing
     except (TypeError, ValueError) as exc:  # e.g. a JSON list where a mapping belongs
         if isinstance(exc, InvalidInputError):
             raise
