@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "explainrt.v1.ExplainService"
 DRAIN_SEND_S = 5.0  # once no explanation is running: time left for the last responses to be sent
-DRAIN_QUIET_S = 0.25  # ...and first, until clients stop sending new requests for this long (at most:)
+DRAIN_QUIET_S = 0.5  # ...and first, until clients stop sending new requests for this long (at most:)
 DRAIN_LINGER_S = 5.0
 
 
@@ -139,9 +139,10 @@ class ExplainServer:
         # Keep refusing with UNAVAILABLE while clients are still sending: a call that reaches a
         # stopping gRPC server is CANCELLED instead (or hangs until its deadline), and clients
         # rightly do not retry those elsewhere.
-        linger_end = min(end, time.monotonic() + DRAIN_LINGER_S)
-        while time.monotonic() < linger_end and (
-                self.servicer.active_calls or time.monotonic() - self.servicer.last_call_at < DRAIN_QUIET_S):
+        drained = time.monotonic()
+        linger_end = min(end, drained + DRAIN_LINGER_S)
+        while time.monotonic() < linger_end and (self.servicer.active_calls or time.monotonic() - max(
+                drained, self.servicer.last_call_at) < DRAIN_QUIET_S):
             time.sleep(0.02)
         if self._server is not None:
             # Then: let responses still being sent go out (a few seconds at most), cancel whatever is
