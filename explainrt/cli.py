@@ -5,6 +5,7 @@ import argparse
 import importlib
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -20,37 +21,26 @@ COMMAND_MODULES: list[str] = ["explainrt.runtime.cli", "explainrt.server.cli", "
 DEMO_IMAGES = ("chelsea", "coffee", "astronaut", "rocket")
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _bounded(kind: type, low: float, high: Optional[float] = None, above: bool = False, bounds: str = ""):
+    """An argparse type: ``kind(text)``, finite, >= ``low`` (> when ``above``), <= ``high``."""
+    expected = "an integer" if kind is int else "a number"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not (math.isfinite(value) and (value > low if above else value >= low) and (high is None or value <= high)):
+            raise argparse.ArgumentTypeError(f"{bounds}, got {text}")
+        return value
+
+    return parse
 
 
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def port_number(text: str) -> int:
-    """argparse type: a TCP port, 0..65535 (0: any free port)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is 0..65535 (0 picks a free one), got {value}")
-    return value
+positive_int = _bounded(int, 1, bounds="must be at least 1")
+at_least_one = _bounded(float, 1, bounds="must be at least 1")
+positive_float = _bounded(float, 0, above=True, bounds="must be a positive number")
+port_number = _bounded(int, 0, 65535, bounds="a port is 0..65535 (0 picks a free one)")
 
 
 def parse_params(items) -> dict:
@@ -229,19 +219,24 @@ def cmd_demo(args) -> int:
     return _explain_images(args, images)
 
 
-def _add_explain_options(p) -> None:
+def add_request_options(p) -> None:
+    """What to explain and where the files go: shared by `explain`, `demo` and `client`."""
     p.add_argument("--method", default="all",
                    help="sidu|scorecam|rise|fem|featurecam|all, or a comma list (default: all)")
     p.add_argument("-o", "--output", default="out", help="output directory (default: out)")
     p.add_argument("--target", type=int, default=None, help="class to explain (default: the top-1 class)")
     p.add_argument("-p", "--param", action="append", metavar="NAME=VALUE",
                    help="method parameter, repeatable (e.g. -p n_masks=2000 -p threshold=0.1); see `explainrt methods`")
+    p.add_argument("--json", action="store_true", help="print one JSON object per result")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_explain_options(p) -> None:
+    add_request_options(p)
     p.add_argument("--batch-size", type=positive_int, default=64, help="masked images per engine call (default 64)")
     p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch", "tensorrt"))
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads")
-    p.add_argument("--json", action="store_true", help="print one JSON object per result")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:

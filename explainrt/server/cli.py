@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 
 def register(subparsers) -> None:
     """Add the `serve` and `client` subcommands."""
-    from ..cli import port_number, positive_float, positive_int
+    from ..cli import add_request_options, at_least_one, port_number, positive_float, positive_int
     from .config import ServerConfig  # light: no grpc import until a command runs
 
     d = ServerConfig(models="")
@@ -22,10 +22,10 @@ def register(subparsers) -> None:
     p.add_argument("--host", default=d.host, help=f"address to bind (default {d.host}: every interface)")
     p.add_argument("--port", type=port_number, default=d.port, help=f"gRPC port (default {d.port}; 0 picks a free one)")
     p.add_argument("--metrics-port", type=port_number, default=None, help="serve Prometheus /metrics on this HTTP port")
-    p.add_argument("--workers", type=int, default=d.workers, help=f"explanations run at once (default {d.workers})")
-    p.add_argument("--queue-size", type=int, default=d.queue_size,
+    p.add_argument("--workers", type=positive_int, default=d.workers, help=f"explanations run at once (default {d.workers})")
+    p.add_argument("--queue-size", type=positive_int, default=d.queue_size,
                    help=f"requests that may wait for a worker; more get RESOURCE_EXHAUSTED (default {d.queue_size})")
-    p.add_argument("--batch-size", type=int, default=d.batch_size,
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size,
                    help=f"masked images per engine call (default {d.batch_size}); larger requests are chunked")
     p.add_argument("--backend", default=d.backend, choices=("onnxruntime", "torch", "tensorrt"))
     p.add_argument("--device", default=d.device, choices=("cpu", "cuda"))
@@ -33,13 +33,13 @@ def register(subparsers) -> None:
     p.add_argument("--ort-spinning", action="store_true",
                    help="let ONNX Runtime threads busy-wait between runs (default off: they starve the server's "
                         "other threads on small machines)")
-    p.add_argument("--max-masks", type=int, default=d.max_masks,
+    p.add_argument("--max-masks", type=positive_int, default=d.max_masks,
                    help=f"largest RISE n_masks per request (default {d.max_masks})")
-    p.add_argument("--max-targets", type=int, default=d.max_targets,
+    p.add_argument("--max-targets", type=positive_int, default=d.max_targets,
                    help=f"most classes explained per request (default {d.max_targets})")
-    p.add_argument("--max-megapixels", type=float, default=d.max_pixels / 1e6,
+    p.add_argument("--max-megapixels", type=at_least_one, default=d.max_pixels / 1e6,
                    help=f"largest decoded image in megapixels (default {d.max_pixels / 1e6:.0f})")
-    p.add_argument("--max-message-mib", type=int, default=d.max_receive_mib,
+    p.add_argument("--max-message-mib", type=positive_int, default=d.max_receive_mib,
                    help=f"largest request in MiB (default {d.max_receive_mib}: a 4K PNG or raw RGB image fits)")
     p.add_argument("--grace", type=float, default=d.grace_s,
                    help=f"seconds in-flight requests get to finish on SIGTERM (default {d.grace_s:g})")
@@ -50,15 +50,8 @@ def register(subparsers) -> None:
     p.add_argument("images", nargs="*", help="image files")
     p.add_argument("--url", required=True, help="server address HOST:PORT")
     p.add_argument("--model", default=None, help="model name (default: the server's only model)")
-    p.add_argument("--method", default="all",
-                   help="sidu|scorecam|rise|fem|featurecam|all, or a comma list (default: all)")
-    p.add_argument("-o", "--output", default="out", help="output directory (default: out)")
-    p.add_argument("--target", type=int, default=None, help="class to explain (default: the top-1 class)")
-    p.add_argument("-p", "--param", action="append", metavar="NAME=VALUE",
-                   help="method parameter, repeatable (e.g. -p n_masks=2000); see `explainrt methods`")
+    add_request_options(p)
     p.add_argument("--timeout", type=positive_float, default=None, help="seconds for the whole run (default: none)")
-    p.add_argument("--json", action="store_true", help="print one JSON object per result")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--list-models", action="store_true", help="print the server's models and exit")
     p.add_argument("--health", action="store_true", help="print the server's health status and exit")
     p.set_defaults(func=cmd_client)
@@ -71,12 +64,6 @@ def cmd_serve(args) -> int:
     from .config import ServerConfig
 
     logs.configure(args.log_format, logging.INFO)
-    for name, value in (("--workers", args.workers), ("--queue-size", args.queue_size),
-                        ("--batch-size", args.batch_size), ("--max-message-mib", args.max_message_mib),
-                        ("--max-masks", args.max_masks), ("--max-targets", args.max_targets),
-                        ("--max-megapixels", args.max_megapixels)):
-        if value < 1:
-            raise InvalidInputError(f"{name} must be at least 1, got {value}")
     config = ServerConfig(models=args.models, host=args.host, port=args.port, metrics_port=args.metrics_port,
                           workers=args.workers, queue_size=args.queue_size, batch_size=args.batch_size,
                           backend=args.backend, device=args.device, threads=args.threads,
@@ -123,40 +110,37 @@ def cmd_client(args) -> int:
             raise InvalidInputError(f"--target must be a class index >= 0, got {args.target}")
         methods = parse_methods(args.method)
         params = params_by_method(parse_params(args.param), methods)
-        output_stems(args.images)
+        stems = output_stems(args.images)
         prepare_output_dir(args.output)
         for path in args.images:
             check_image_path(path)  # a missing file or a directory fails before any request
-        jobs = [(path, method) for path in args.images for method in methods]
+        jobs = [(path, stem, method) for path, stem in zip(args.images, stems) for method in methods]
         requests = ({"image": path, "method": method, "target": args.target,
                      "params": params[method], "request_id": f"{os.path.basename(path)}:{method}"}
-                    for path, method in jobs)
+                    for path, _stem, method in jobs)
         show_bar = not args.no_progress
         bars: dict[int, ProgressBar] = {}
 
         def progress(index: int, done: int, total: int) -> None:
-            path, method = jobs[index]
-            bar = bars.setdefault(index, ProgressBar(f"{os.path.splitext(os.path.basename(path))[0]} {method}",
-                                                     show_bar))
-            bar(done, total)
+            _path, stem, method = jobs[index]
+            bars.setdefault(index, ProgressBar(f"{stem} {method}", show_bar))(done, total)
 
         failures = 0
-        originals: dict[str, object] = {}
+        original = (None, None)  # (path, RGB) of the image being written: results come in job order
         t_start = time.perf_counter()
         for item in client.stream(requests, progress=progress, timeout=args.timeout):
             if item.index in bars:
                 bars.pop(item.index).close()
-            path, method = jobs[item.index]
+            path, stem, method = jobs[item.index]
             if isinstance(item, RemoteError):
                 if len(jobs) == 1:
                     raise item
                 print(f"explainrt: error: {path} ({method}): {item}", file=sys.stderr)
                 failures += 1
                 continue
-            stem = os.path.splitext(os.path.basename(path))[0]
-            if path not in originals:
-                originals[path] = read_image(path)
-            files = write_result_files(args.output, stem, method, item.saliency.astype("float32"), originals[path],
+            if original[0] != path:
+                original = (path, read_image(path))
+            files = write_result_files(args.output, stem, method, item.saliency.astype("float32"), original[1],
                                        item.visualization)
             # The server's time on this item: a stream's items are all sent at once and wait for each
             # other in its queue, so the end-to-end latency would add up the items before it.
