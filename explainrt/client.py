@@ -67,7 +67,7 @@ class RemoteExplanation(FirstTargetView):
 
 
 def _explanation(response, latency: float = 0.0, index: int = 0) -> RemoteExplanation:
-    from .server.codec import tensor_to_array
+    from .proto.codec import tensor_to_array
 
     maps = np.stack([tensor_to_array(m.saliency, "saliency") for m in response.maps]) if response.maps else \
         np.zeros((0, 0, 0), np.float32)
@@ -118,7 +118,7 @@ class ExplainClient:
                 request_id: str = ""):
         """Build an ``ExplainRequest`` (explain/stream arguments documented there)."""
         from .imaging import read_image_bytes
-        from .server.codec import array_to_tensor, dtype_code
+        from .proto.codec import array_to_tensor, dtype_code
 
         pb = self.pb
         req = pb.ExplainRequest(model=model or self.model or "", method=method, request_id=request_id)

@@ -36,3 +36,16 @@ def test_every_module_imports():
         except ImportError as exc:  # a missing optional extra must not break import
             failures.append(f"{info.name}: {exc}")
     assert not failures, failures
+
+
+def test_client_never_imports_the_server():
+    """Imports run down the house: the client shares the codec beside the proto stubs, not the server's modules."""
+    code = (
+        "import sys, explainrt.client, explainrt.proto.codec\n"
+        "from explainrt.client import ExplainClient\n"
+        "server = sorted(m for m in sys.modules if m.startswith('explainrt.server'))\n"
+        "assert not server, server\n"
+    )
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr

@@ -22,7 +22,7 @@ from ..explainers import METHODS
 from ..explainers.featurecam import BUILTIN_EDGES
 from ..imaging import as_rgb_uint8, check_preprocessed, encode_png, peek_image_size, resize_map
 from ..proto.explainrt.v1 import explainrt_pb2 as pb
-from .codec import DTYPE_NAMES, array_to_tensor, dtype_name, tensor_to_array
+from ..proto.codec import DTYPE_NAMES, array_to_tensor, dtype_name, tensor_to_array
 from .models import LoadedModel, ModelRepository
 
 DEFAULT_TOP_K = 5

@@ -10,7 +10,7 @@ import pytest
 
 from explainrt.client import ExplainClient, RemoteError
 from explainrt.proto.explainrt.v1 import explainrt_pb2 as pb
-from explainrt.server.codec import array_to_tensor
+from explainrt.proto.codec import array_to_tensor
 from serve_helpers import INPUT_HW, start_server, wait_for
 
 GOOD = np.full((20, 20, 3), 128, np.uint8)

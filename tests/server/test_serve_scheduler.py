@@ -90,7 +90,7 @@ def test_shutdown_finishes_queued_work_and_refuses_new():
 
 def test_codec_round_trip_and_checks():
     from explainrt.proto.explainrt.v1 import explainrt_pb2 as pb
-    from explainrt.server.codec import array_to_tensor, tensor_to_array
+    from explainrt.proto.codec import array_to_tensor, tensor_to_array
 
     x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
     t = array_to_tensor(x, pb.FLOAT16)

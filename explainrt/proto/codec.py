@@ -6,7 +6,7 @@ import math
 import numpy as np
 
 from ..errors import InvalidInputError
-from ..proto.explainrt.v1 import explainrt_pb2 as pb
+from .explainrt.v1 import explainrt_pb2 as pb
 
 # Little-endian on the wire whatever the host is.
 DTYPES = {pb.UINT8: np.dtype("u1"), pb.FLOAT16: np.dtype("<f2"), pb.FLOAT32: np.dtype("<f4")}
