@@ -12,7 +12,7 @@ class ServerConfig:
     """Everything ``explainrt serve`` can set; the defaults are written here once."""
 
     models: str
-    host: str = "[::]"
+    host: str = "127.0.0.1"  # loopback unless told otherwise ("[::]" / "0.0.0.0": every interface)
     port: int = 50051  # 0: any free port (see ExplainServer.port)
     metrics_port: Optional[int] = None  # None: no metrics endpoint; 0: any free port
     workers: int = 2  # explanations running at once
@@ -36,6 +36,23 @@ class ServerConfig:
     progress_interval_s: float = 0.5
     keepalive_time_s: float = 30.0
     keepalive_timeout_s: float = 10.0
+    # Security: TLS (PEM files; a client CA makes it mutual TLS) and a bearer token checked on every
+    # RPC but the health service.
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
+    tls_client_ca: Optional[str] = None
+    auth_token_file: Optional[str] = None
+    # Memory: what every request in flight may hold together (decoded image, buffers, response).
+    memory_budget_mib: int = 4096
+    # Explain calls (unary + streams) open at once; more get RESOURCE_EXHAUSTED. Health and
+    # metadata RPCs are never counted against it.
+    max_calls: int = 1024
+    # Cross-request batching: engine calls of concurrent requests for one model that arrive within
+    # this window share one engine batch (0: only what is already waiting; None: batching off).
+    max_queue_delay_ms: Optional[float] = 2.0
+    # Requests whose cost is at most this many forward passes are "cheap": they go first (shortest
+    # expected first, with aging) and keep one worker of their own.
+    cheap_passes: int = 8
 
     def grpc_options(self) -> list[tuple[str, int]]:
         """Channel arguments: message limits and keepalive (pings from clients every >= 10 s are allowed)."""
