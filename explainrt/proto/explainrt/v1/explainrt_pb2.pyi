@@ -48,7 +48,7 @@ class OutputOptions(_message.Message):
     def __init__(self, saliency_dtype: _Optional[_Union[DataType, str]] = ..., map_size: _Optional[_Union[MapSize, str]] = ..., overlay_png: _Optional[bool] = ..., top_k: _Optional[int] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
-    __slots__ = ("model", "encoded", "tensor", "method", "targets", "params", "output", "request_id")
+    __slots__ = ("model", "encoded", "tensor", "method", "targets", "params", "output", "request_id", "priority")
     class ParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +64,7 @@ class ExplainRequest(_message.Message):
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     model: str
     encoded: bytes
     tensor: Tensor
@@ -72,7 +73,8 @@ class ExplainRequest(_message.Message):
     params: _containers.ScalarMap[str, str]
     output: OutputOptions
     request_id: str
-    def __init__(self, model: _Optional[str] = ..., encoded: _Optional[bytes] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., method: _Optional[str] = ..., targets: _Optional[_Iterable[int]] = ..., params: _Optional[_Mapping[str, str]] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    priority: int
+    def __init__(self, model: _Optional[str] = ..., encoded: _Optional[bytes] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., method: _Optional[str] = ..., targets: _Optional[_Iterable[int]] = ..., params: _Optional[_Mapping[str, str]] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ..., request_id: _Optional[str] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class Prediction(_message.Message):
     __slots__ = ("class_index", "label", "probability")
