@@ -1,7 +1,7 @@
 """The gRPC server: ExplainService + grpc.health.v1 + reflection, metrics over HTTP, graceful shutdown."""
 from __future__ import annotations
 
-import concurrent.futures
+import asyncio
 import logging
 import select
 import signal
@@ -16,12 +16,12 @@ from .logs import log_event
 from .metrics import ServerMetrics
 from .models import ModelRepository
 from .scheduler import Scheduler
-from .service import ExplainServicer, ServiceOptions
+from .service import SERVICE_NAME, ExplainServicer, ServiceOptions
 from .tasks import RequestLimits
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = "explainrt.v1.ExplainService"
+RPC_HEADROOM = 256  # RPCs beyond --max-calls explain calls that the transport still takes (health, metadata)
 DRAIN_SEND_S = 5.0  # once no explanation is running: time left for the last responses to be sent
 DRAIN_QUIET_S = 0.5  # ...and first, until clients stop sending new requests for this long (at most:)
 DRAIN_LINGER_S = 5.0
@@ -34,9 +34,11 @@ class ServeError(ExplainRTError):
 class ExplainServer:
     """One explainrt server: ``start()``, then ``wait()`` or ``stop()``.
 
-    Health reports NOT_SERVING (overall "" and per model) while models load and once shutdown
-    begins, SERVING in between. ``stop(grace)`` refuses new requests with UNAVAILABLE, lets
-    in-flight ones finish for up to ``grace`` seconds, then cancels what is left.
+    The gRPC server is a ``grpc.aio`` server on an event loop of its own thread; explanations
+    run on the scheduler's worker threads. Health reports NOT_SERVING (overall "" and per model)
+    while models load and once shutdown begins, SERVING in between. ``stop(grace)`` refuses new
+    requests with UNAVAILABLE, lets in-flight ones finish for up to ``grace`` seconds, then
+    cancels what is left.
     """
 
     def __init__(self, config: ServerConfig):
@@ -45,35 +47,55 @@ class ExplainServer:
         self._health_pb2 = require("grpc_health.v1.health_pb2", "serve", "the gRPC health service")
         self._health_grpc = require("grpc_health.v1.health_pb2_grpc", "serve", "the gRPC health service")
         self._reflection = require("grpc_reflection.v1alpha.reflection", "serve", "gRPC server reflection")
+        from . import security
+
+        self._security = security
         self.config = config
-        self.models = ModelRepository(config.models, batch_size=config.batch_size, **config.engine_options())
-        self.scheduler = Scheduler(config.workers, config.queue_size)
+        self.credentials = security.server_credentials(config)  # bad TLS files fail here, before binding
+        self._interceptors = security.interceptors(config)
         self.metrics = ServerMetrics(lambda: self.scheduler.depth, lambda: self.scheduler.running)
+        delay = None if config.max_queue_delay_ms is None else config.max_queue_delay_ms / 1e3
+        self.models = ModelRepository(config.models, batch_size=config.batch_size, max_queue_delay_s=delay,
+                                      on_batch=self.metrics.observe_batch, **config.engine_options())
+        self.scheduler = Scheduler(config.workers, config.queue_size, cheap_passes=config.cheap_passes,
+                                   memory_budget=config.memory_budget_mib * MIB)
         self.servicer = ExplainServicer(self.models, self.scheduler, self.metrics, ServiceOptions(
             max_response_bytes=config.max_send_mib * MIB, progress_interval_s=config.progress_interval_s,
-            stream_window=config.workers,
+            stream_window=config.workers, max_calls=config.max_calls,
             limits=RequestLimits(config.max_masks, config.max_targets, config.max_pixels)))
-        # Blocking Watch (one RPC thread per watcher): the library's non-blocking mode sends to
-        # watchers under its lock, which deadlocks when a watcher disconnects during a status change
-        # (grpc/grpc#43403 reworks that lock).
-        self.health = self._health_mod.HealthServicer(experimental_non_blocking=False)
-        # Every queued request holds an RPC thread while it waits; 32 spare for streams, metadata, rejections.
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=config.queue_size + config.workers + 32, thread_name_prefix="explainrt-rpc")
+        self.health = None  # the aio health servicer, made on the event loop
         self._server = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._thread: Optional[threading.Thread] = None
         self.port: Optional[int] = None
         self.metrics_port: Optional[int] = None
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
         self._stopping = False
 
-    def start(self, load: bool = True) -> "ExplainServer":
-        """Bind and start serving (health NOT_SERVING), then load the models (health SERVING) when ``load``."""
-        grpc = self.grpc
-        server = grpc.server(self._executor, options=self.config.grpc_options())
-        from ..proto.explainrt.v1 import explainrt_pb2, explainrt_pb2_grpc
+    # ---- the event loop ----------------------------------------------------------------------
+    def _call(self, coroutine, timeout: Optional[float] = 30.0):
+        """Run ``coroutine`` on the server's event loop from another thread and return its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
 
-        explainrt_pb2_grpc.add_ExplainServiceServicer_to_server(self.servicer, server)
+    def _run_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_forever()
+        finally:
+            loop.close()
+
+    async def _start_grpc(self) -> int:
+        grpc = self.grpc
+        from ..proto.explainrt.v1 import explainrt_pb2
+
+        self.servicer.loop = asyncio.get_running_loop()
+        # Explain calls are capped by the servicer (--max-calls, RESOURCE_EXHAUSTED with a reason);
+        # the transport cap sits above it so health and metadata RPCs always find room.
+        server = grpc.aio.server(options=self.config.grpc_options(), interceptors=self._interceptors,
+                                 maximum_concurrent_rpcs=self.config.max_calls + RPC_HEADROOM)
+        server.add_generic_rpc_handlers((self.servicer.handler(),))
+        self.health = self._health_mod.aio.HealthServicer()
         self._health_grpc.add_HealthServicer_to_server(self.health, server)
         names = (explainrt_pb2.DESCRIPTOR.services_by_name["ExplainService"].full_name,
                  self._health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -81,25 +103,45 @@ class ExplainServer:
         self._reflection.enable_server_reflection(names, server)
         address = f"{self.config.host}:{self.config.port}"
         try:
-            self.port = server.add_insecure_port(address)  # 0 on failure, or (newer grpcio) RuntimeError
+            port = (server.add_secure_port(address, self.credentials) if self.credentials is not None
+                    else server.add_insecure_port(address))
         except RuntimeError:
-            self.port = 0
-        if not self.port:
+            port = 0
+        if not port:
             raise ServeError(f"could not listen on {address}: is another server on that port, or is the host "
                              "not an address of this machine?")
-        self._set_health(serving=False)
-        server.start()
+        await self._set_health_async(serving=False)
+        await server.start()
         self._server = server
+        return port
+
+    def start(self, load: bool = True) -> "ExplainServer":
+        """Bind and start serving (health NOT_SERVING), then load the models (health SERVING) when ``load``."""
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run_loop, args=(self._loop,), name="explainrt-grpc",
+                                        daemon=True)
+        self._thread.start()
+        try:
+            self.port = self._call(self._start_grpc())
+        except BaseException:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+            raise
         if self.config.metrics_port is not None:
             host = "0.0.0.0" if self.config.host in ("[::]", "0.0.0.0") else self.config.host.strip("[]")
             try:
                 self.metrics_port = self.metrics.start_http(self.config.metrics_port, host)
             except OSError as exc:
-                server.stop(0)
+                self._shutdown_loop(0)
                 raise ServeError(f"could not serve metrics on {host}:{self.config.metrics_port}: {exc.strerror or exc}") \
                     from None
+        warning = self._security.exposure_warning(self.config.host, self.config)
+        if warning:
+            log_event(log, "exposed", logging.WARNING, warning=warning)
         log_event(log, "listening", host=self.config.host, port=self.port, metrics_port=self.metrics_port,
-                  workers=self.config.workers, queue_size=self.config.queue_size, batch_size=self.config.batch_size)
+                  security=self._security.security_summary(self.config), workers=self.config.workers,
+                  queue_size=self.config.queue_size, batch_size=self.config.batch_size,
+                  max_queue_delay_ms=self.config.max_queue_delay_ms)
         if load:
             self.load_models()
         return self
@@ -112,11 +154,24 @@ class ExplainServer:
         log_event(log, "serving", models=",".join(names), seconds=round(time.perf_counter() - t0, 3))
         return names
 
-    def _set_health(self, serving: bool) -> None:
+    async def _set_health_async(self, serving: bool) -> None:
         status = self._health_pb2.HealthCheckResponse.SERVING if serving else \
             self._health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE_NAME, *self.models.names()):
-            self.health.set(name, status)
+            await self.health.set(name, status)
+
+    def _set_health(self, serving: bool) -> None:
+        self._call(self._set_health_async(serving))
+
+    def _shutdown_loop(self, grace: float) -> None:
+        """Stop the gRPC server (``grace`` seconds for responses still being sent) and its event loop."""
+        if self._server is not None:
+            try:
+                self._call(self._server.stop(grace), timeout=grace + 10)
+            except Exception as exc:  # noqa: BLE001 (stopping must go on)
+                log_event(log, "grpc_stop_failed", logging.WARNING, error=str(exc))
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
 
     def stop(self, grace: Optional[float] = None) -> None:
         """Drain: NOT_SERVING, new requests UNAVAILABLE, in-flight ones get ``grace`` seconds, then stop everything."""
@@ -132,7 +187,8 @@ class ExplainServer:
         # The gRPC server keeps accepting calls while explanations drain, so that health checks read
         # NOT_SERVING and new requests get UNAVAILABLE from the servicer (a stopped gRPC server would
         # answer CANCELLED).
-        self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            self._call(self.health.enter_graceful_shutdown())
         self.scheduler.close()
         while self.servicer.active_calls and time.monotonic() < end:
             time.sleep(0.02)
@@ -144,12 +200,10 @@ class ExplainServer:
         while time.monotonic() < linger_end and (self.servicer.active_calls or time.monotonic() - max(
                 drained, self.servicer.last_call_at) < DRAIN_QUIET_S):
             time.sleep(0.02)
-        if self._server is not None:
-            # Then: let responses still being sent go out (a few seconds at most), cancel whatever is
-            # left (streams kept open, health watches; cancel events stop workers between two chunks).
-            self._server.stop(min(max(0.0, end - time.monotonic()), DRAIN_SEND_S)).wait()
+        # Then: let responses still being sent go out (a few seconds at most), cancel whatever is
+        # left (streams kept open, health watches; cancel events stop workers between two chunks).
+        self._shutdown_loop(min(max(0.0, end - time.monotonic()), DRAIN_SEND_S))
         self.scheduler.shutdown(timeout=max(0.0, end - time.monotonic()) + 5.0)
-        self._executor.shutdown(wait=True, cancel_futures=True)
         self.metrics.stop_http()
         self.models.close()
         log_event(log, "stopped", seconds=round(time.perf_counter() - t0, 3))

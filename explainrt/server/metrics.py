@@ -57,8 +57,17 @@ class ServerMetrics:
             "explainrt_request_latency_seconds", "Server-side latency from arrival to response, by RPC and method",
             ["rpc", "method"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.queue_wait = prom.Histogram(
-            "explainrt_queue_wait_seconds", "Time requests wait for a worker", buckets=LATENCY_BUCKETS,
+            "explainrt_queue_wait_seconds", "Time requests wait for a worker, by method", ["method"],
+            buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.batch_rows = prom.Counter(
+            "explainrt_batched_rows", "Rows (images) the cross-request batcher sent through the engine",
+            ["model"], registry=self.registry)
+        self.batch_calls = prom.Counter(
+            "explainrt_batched_engine_calls", "Engine calls made by the cross-request batcher", ["model"],
             registry=self.registry)
+        self.batch_merged = prom.Counter(
+            "explainrt_batched_merged_calls", "Engine calls of requests that shared an engine batch with another "
+            "request's", ["model"], registry=self.registry)
         self.masked_passes = prom.Counter(
             "explainrt_masked_passes", "Masked forward passes run (rate() gives passes per second)",
             ["model", "method"], registry=self.registry)
@@ -78,6 +87,17 @@ class ServerMetrics:
         """Add ``count`` masked passes (called from the explainer's progress callback)."""
         self.masked_passes.labels(model, method).inc(count)
         self.pass_rate.add(count)
+
+    def observe_queue_wait(self, method: str, seconds: float) -> None:
+        """Time one request waited for a worker."""
+        self.queue_wait.labels(method).observe(seconds)
+
+    def observe_batch(self, model: str, calls: int, rows: int) -> None:
+        """One engine call of the cross-request batcher, carrying ``calls`` requests' calls and ``rows`` images."""
+        self.batch_calls.labels(model).inc()
+        self.batch_rows.labels(model).inc(rows)
+        if calls > 1:
+            self.batch_merged.labels(model).inc(calls)
 
     def observe(self, rpc: str, method: str, code: str, seconds: float) -> None:
         """Count one finished request and its latency."""

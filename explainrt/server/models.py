@@ -11,6 +11,7 @@ from typing import Optional
 
 from ..api import Explainer
 from ..errors import ExplainRTError, InvalidInputError, ModelError
+from .batcher import wrap
 from .logs import log_event
 
 log = logging.getLogger(__name__)
@@ -49,10 +50,12 @@ class ModelRepository:
     """Loads every exported model of ``directory`` (files without explainrt metadata are skipped).
 
     ``engine_options`` go to ``Explainer`` (backend, device, threads, ...); ``batch_size`` is the
-    number of masked images per engine call.
+    number of masked images per engine call. With ``max_queue_delay_s`` (seconds, 0 allowed) the
+    engine calls of concurrent requests share engine batches (``batcher.BatchingEngine``).
     """
 
-    def __init__(self, directory: str, batch_size: int = 64, **engine_options):
+    def __init__(self, directory: str, batch_size: int = 64, max_queue_delay_s: Optional[float] = None,
+                 on_batch=None, **engine_options):
         if os.path.isfile(directory):
             raise ModelError(f"--models takes a directory (every exported model in it is served), not the file "
                              f"{directory}; pass its directory: --models {os.path.dirname(directory) or '.'}")
@@ -60,6 +63,8 @@ class ModelRepository:
             raise ModelError(f"model directory not found: {directory}; pass --models DIR with exported .onnx files")
         self.directory = directory
         self.batch_size = int(batch_size)
+        self.max_queue_delay_s = max_queue_delay_s  # None: no cross-request batching
+        self._on_batch = on_batch  # on_batch(model, calls, rows), metrics of the batcher
         self.engine_options = engine_options
         self._models: dict[str, LoadedModel] = {}
         self._lock = threading.Lock()
@@ -83,8 +88,15 @@ class ModelRepository:
                 skipped.append(name)
                 log_event(log, "model_skipped", logging.WARNING, model=name, path=path, reason=str(exc))
                 continue
+            if self.max_queue_delay_s is None:
+                lock = engine_lock(explainer)
+            else:  # the batcher's executor is the one caller of the engine: no lock around explanations
+                on_batch = None if self._on_batch is None else (
+                    lambda calls, rows, model=name: self._on_batch(model, calls, rows))
+                explainer.engine = wrap(explainer.engine, self.max_queue_delay_s, name, on_batch)
+                lock = None
             with self._lock:
-                self._models[name] = LoadedModel(name, path, explainer, engine_lock(explainer))
+                self._models[name] = LoadedModel(name, path, explainer, lock)
             meta = explainer.metadata
             log_event(log, "model_loaded", model=name, path=path, backend=explainer.engine.backend,
                       device=explainer.engine.device, input=f"{meta.input_size[0]}x{meta.input_size[1]}",

@@ -1,29 +1,33 @@
-"""Request scheduler: a bounded queue in front of a pool of worker threads.
+"""Request scheduler: cost-aware, deadline-aware and memory-budgeted, in front of a pool of worker threads.
+
+Every request's cost is known before it runs (``Job.cost``: the forward passes it will take at
+most, from the method and its parameters) and so is its memory (``Job.memory``: what it holds
+while it runs). The scheduler uses both:
+
+- **Order: shortest expected first, with aging.** A waiting job's key is its arrival time plus
+  its own expected run time (cost × the measured seconds per pass). A one-pass FEM request that
+  arrives while a 500-pass Score-CAM request waits overtakes it; the Score-CAM request in turn
+  waits at most about its own run time longer than first-come-first-served would make it, so
+  nothing starves. ``Job.priority`` (higher first) orders before the key.
+- **A lane for cheap requests.** Jobs of at most ``cheap_passes`` passes may use every worker;
+  expensive ones at most ``workers - 1`` (with two or more workers), so a cheap request never
+  waits for a 500-pass request to finish.
+- **A memory budget.** The jobs running at once hold at most ``memory_budget`` bytes together;
+  a job that does not fit waits (jobs behind it that fit may start meanwhile, unless it has
+  waited longer than its own expected run time); one that could never fit is refused at once.
+- **Dead work leaves at once.** A job whose ``cancel`` is set (the client went away) leaves the
+  queue the moment it is set, and a job past its deadline no longer counts against
+  ``queue_size``: a full queue of dead requests never refuses a live one.
 
 A full queue refuses a job at once (``QueueFull`` → RESOURCE_EXHAUSTED) instead of letting
-latency grow without bound. Each job carries a ``cancel`` event: the RPC layer sets it when the
-client goes away or the deadline passes, a queued job is then dropped without running, and a
-running one stops between two chunks of masked passes (``Explainer.explain(cancel=...)``).
-
-Jobs are independent: each worker runs one ``Explainer.explain`` at a time and the engine
-takes concurrent calls (ONNX Runtime sessions are thread-safe; other engines are serialised
-per model, see ``models.engine_lock``). Masked passes of one request are already batched by
-the driver (``batch_size`` per engine call, any request size, never refused for it).
-
-The base passes (and so whole FEM requests) of concurrent requests are *not* merged into one
-engine batch. Measured on the 2-core CPU machine with EfficientNet-Lite0 at 224x224, ONNX
-Runtime takes 16.9 ms per image at batch 1 and 15.6-16.0 ms at batch 2-8: a merge would save
-under 8 % of a pass while adding a rendezvous point whose failures must fan out to every
-request in it. On a GPU, where batch 1 leaves the device idle, a coalescing engine wrapper
-(collect the base passes waiting at that moment, run them as one batch, hand each its row)
-is the place to add it; the scheduler would not change.
+latency grow without bound. A running job stops between two chunks of masked passes once its
+``cancel`` is set (``Explainer.explain(cancel=...)``).
 """
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
 import logging
-import queue
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -33,9 +37,16 @@ from .logs import log_event
 
 log = logging.getLogger(__name__)
 
+INITIAL_SECONDS_PER_PASS = 0.005  # until the first job has been measured
+SECONDS_PER_PASS_SMOOTHING = 0.2  # weight of the newest job in the running estimate
+
 
 class QueueFull(ExplainRTError):
     """The scheduler's queue is full; the client should retry later or slow down."""
+
+
+class OverBudget(ExplainRTError):
+    """The request needs more memory than the server's whole budget (→ RESOURCE_EXHAUSTED)."""
 
 
 class ShuttingDown(ExplainRTError):
@@ -46,20 +57,53 @@ class DeadlineExceeded(ExplainRTError):
     """The request's deadline passed before its work finished."""
 
 
+class CancelEvent(threading.Event):
+    """A ``threading.Event`` that also calls its callbacks once, on the first ``set()``."""
+
+    def __init__(self):
+        super().__init__()
+        self._callbacks: list = []
+        self._callback_lock = threading.Lock()
+
+    def add_callback(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` when the event is set (at once if it already is)."""
+        with self._callback_lock:
+            if not self.is_set():
+                self._callbacks.append(fn)
+                return
+        fn()
+
+    def set(self) -> None:
+        with self._callback_lock:
+            if self.is_set():
+                return
+            super().set()
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            fn()
+
+
 @dataclasses.dataclass(eq=False)
 class Job:
     """One unit of work: ``run(job)`` executes on a worker thread; its result lands in ``future``.
 
-    ``deadline`` is a ``time.monotonic()`` instant (None: none); ``cancel`` stops the work.
+    ``deadline`` is a ``time.monotonic()`` instant (None: none); setting ``cancel`` stops the work.
+    ``cost`` is the forward passes the job takes at most, ``memory`` the bytes it holds while it
+    runs, ``priority`` orders it before cost (higher first), ``method`` labels its metrics.
     """
 
     run: Callable[["Job"], Any]
-    cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
+    cancel: CancelEvent = dataclasses.field(default_factory=CancelEvent)
     deadline: Optional[float] = None
     future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
     enqueued_at: float = dataclasses.field(default_factory=time.perf_counter)
     started_at: Optional[float] = None
     name: str = "job"
+    cost: float = 1.0
+    memory: int = 0
+    priority: int = 0
+    method: str = ""
+    key: float = 0.0  # set by the scheduler: arrival + expected run time
 
     @property
     def queue_seconds(self) -> float:
@@ -69,32 +113,49 @@ class Job:
     def expired(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
 
-
-_STOP = object()
+    def dead(self) -> bool:
+        """Cancelled or past its deadline: its result is of no use to anyone."""
+        return self.cancel.is_set() or self.expired()
 
 
 class Scheduler:
-    """Runs jobs on ``workers`` threads from a queue of at most ``queue_size`` waiting jobs."""
+    """Runs jobs on ``workers`` threads from a queue of at most ``queue_size`` waiting jobs.
 
-    def __init__(self, workers: int, queue_size: int, name: str = "explainrt-worker"):
+    ``cheap_passes``: jobs of at most this cost form the cheap lane. ``memory_budget``: bytes the
+    running jobs may hold together (None: no budget). ``on_start(job)`` is called on the worker
+    as a job starts (metrics of queue wait).
+    """
+
+    def __init__(self, workers: int, queue_size: int, name: str = "explainrt-worker", cheap_passes: float = 8,
+                 memory_budget: Optional[int] = None, on_start: Optional[Callable[[Job], None]] = None):
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         if queue_size < 1:
             raise ValueError(f"queue_size must be >= 1, got {queue_size}")
         self.workers = int(workers)
         self.queue_size = int(queue_size)
-        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.cheap_passes = float(cheap_passes)
+        self.memory_budget = memory_budget
+        self.seconds_per_pass = INITIAL_SECONDS_PER_PASS
+        self._on_start = on_start
+        self._pending: list[Job] = []
+        self._cond = threading.Condition()
         self._accepting = True
-        self._lock = threading.Lock()
+        self._stopping = False
         self._running = 0
+        self._running_expensive = 0
+        self._memory_in_use = 0
         self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(workers)]
         for thread in self._threads:
             thread.start()
 
+    # ---- state ---------------------------------------------------------------------------
     @property
     def depth(self) -> int:
-        """Jobs waiting for a worker."""
-        return self._queue.qsize()
+        """Live jobs waiting for a worker (cancelled and expired ones are not counted)."""
+        with self._cond:
+            self._prune()
+            return len(self._pending)
 
     @property
     def running(self) -> int:
@@ -102,69 +163,141 @@ class Scheduler:
         return self._running
 
     @property
+    def memory_in_use(self) -> int:
+        """Bytes held by the running jobs (their estimates)."""
+        return self._memory_in_use
+
+    @property
     def accepting(self) -> bool:
         return self._accepting
 
-    def submit(self, job: Job, wait: Optional[float] = 0.0) -> concurrent.futures.Future:
-        """Queue ``job``; raises ``QueueFull`` when no slot frees up within ``wait`` seconds.
+    def cheap(self, job: Job) -> bool:
+        """Whether ``job`` belongs to the cheap lane."""
+        return job.cost <= self.cheap_passes
 
-        ``wait=0`` refuses at once (unary RPCs); ``wait=None`` blocks until a slot frees up or
-        the job is cancelled (streams, whose clients are slowed down by flow control instead).
-        """
+    def expected_seconds(self, job: Job) -> float:
+        """The job's expected run time from its cost and the measured seconds per forward pass."""
+        return job.cost * self.seconds_per_pass
+
+    # ---- submitting -----------------------------------------------------------------------
+    def submit(self, job: Job) -> concurrent.futures.Future:
+        """Queue ``job``; raises ``QueueFull``, ``OverBudget`` or ``ShuttingDown`` at once when it cannot be."""
         if not self._accepting:
             raise ShuttingDown("the server is shutting down and takes no new requests; retry on another replica")
-        job.enqueued_at = time.perf_counter()
-        if wait == 0.0:
-            try:
-                self._queue.put_nowait(job)
-            except queue.Full:
-                raise QueueFull(self._full_message()) from None
-            return job.future
-        limit = None if wait is None else time.monotonic() + wait
-        while True:
-            if job.cancel.is_set():
-                raise DeadlineExceeded("the request was cancelled while waiting for a queue slot") \
-                    if job.expired() else _cancelled("while waiting for a queue slot")
-            if not self._accepting:
-                raise ShuttingDown("the server is shutting down and takes no new requests; retry on another replica")
-            step = 0.05 if limit is None else min(0.05, limit - time.monotonic())
-            if step <= 0:
+        if self.memory_budget is not None and job.memory > self.memory_budget:
+            raise OverBudget(
+                f"the request needs about {job.memory / 2**20:.0f} MiB while it runs, more than this server's whole "
+                f"memory budget of {self.memory_budget / 2**20:.0f} MiB (--memory-budget-mib): ask for less work "
+                "(a smaller image, MAP_SIZE_MODEL_INPUT, fewer targets or masks)")
+        with self._cond:
+            self._prune()
+            if len(self._pending) >= self.queue_size:
                 raise QueueFull(self._full_message())
-            try:
-                self._queue.put(job, timeout=step)
-                return job.future
-            except queue.Full:
-                continue
+            job.enqueued_at = time.perf_counter()
+            job.key = job.enqueued_at + self.expected_seconds(job)
+            self._pending.append(job)
+            self._cond.notify_all()
+        job.cancel.add_callback(lambda: self._drop(job))
+        return job.future
 
     def _full_message(self) -> str:
         return (f"the server's queue is full ({self.queue_size} requests waiting for {self.workers} workers); "
                 "retry with backoff, or start the server with a larger --queue-size / more --workers")
 
+    def _drop(self, job: Job) -> None:
+        """A cancelled job leaves the queue at once (its RPC is told why)."""
+        with self._cond:
+            try:
+                self._pending.remove(job)
+            except ValueError:
+                return  # already running or finished
+        self._fail_dead(job, "before a worker started it")
+
+    def _prune(self) -> None:
+        """Remove dead jobs from the queue (under the lock) and fail their futures."""
+        dead = [job for job in self._pending if job.dead()]
+        if dead:
+            self._pending = [job for job in self._pending if not job.dead()]
+            for job in dead:
+                self._fail_dead(job, "before a worker started it")
+
+    @staticmethod
+    def _fail_dead(job: Job, when: str) -> None:
+        if job.future.done():
+            return
+        if job.expired():
+            job.future.set_exception(DeadlineExceeded("the deadline passed while the request waited in the queue"))
+        else:
+            job.future.set_exception(_cancelled(when))
+
+    # ---- choosing ---------------------------------------------------------------------------
+    def _eligible(self, job: Job) -> bool:
+        if not self.cheap(job) and self.workers > 1 and self._running_expensive >= self.workers - 1:
+            return False  # the last worker is kept for cheap requests
+        return self.memory_budget is None or self._memory_in_use + job.memory <= self.memory_budget
+
+    def _next(self) -> Optional[Job]:
+        """The best job that may start now (under the lock), or None."""
+        self._prune()
+        ranked = sorted(self._pending, key=lambda j: (-j.priority, j.key))
+        now = time.perf_counter()
+        for job in ranked:
+            if self._eligible(job):
+                return job
+            # A job that has waited past its own expected run time holds back the lower-ranked
+            # jobs that would keep taking the memory it needs (no starvation by the budget).
+            if (self.memory_budget is not None and not self.cheap(job) and
+                    now - job.enqueued_at > self.expected_seconds(job) and
+                    self._memory_in_use + job.memory > self.memory_budget):
+                return None
+        return None
+
     def _work(self) -> None:
         while True:
-            job = self._queue.get()
-            if job is _STOP:
-                return
-            future = job.future
-            if job.cancel.is_set() or job.expired():
-                future.set_exception(DeadlineExceeded("the deadline passed while the request waited in the queue")
-                                     if job.expired() else _cancelled("before a worker started it"))
-                continue
-            if not future.set_running_or_notify_cancel():
-                continue
-            job.started_at = time.perf_counter()
-            with self._lock:
+            with self._cond:
+                job = None
+                while not self._stopping or self._pending:
+                    job = self._next()
+                    if job is not None:
+                        break
+                    if self._stopping and not self._pending:
+                        break
+                    self._cond.wait(0.25)  # also re-checks deadlines now and then
+                if job is None:
+                    return
+                self._pending.remove(job)
+                if not job.future.set_running_or_notify_cancel():
+                    continue
+                cheap = self.cheap(job)
                 self._running += 1
+                self._running_expensive += 0 if cheap else 1
+                self._memory_in_use += job.memory
+            job.started_at = time.perf_counter()
+            if self._on_start is not None:
+                self._on_start(job)
+            error, result = None, None
             try:
                 result = job.run(job)
             except BaseException as exc:  # delivered to the waiting RPC, which maps it to a status
-                future.set_exception(exc)
+                error = exc
+            with self._cond:  # the worker is free before its caller hears back
+                self._running -= 1
+                self._running_expensive -= 0 if cheap else 1
+                self._memory_in_use -= job.memory
+                self._cond.notify_all()
+            if error is not None:
+                job.future.set_exception(error)
             else:
-                future.set_result(result)
-            finally:
-                with self._lock:
-                    self._running -= 1
+                self._measured(job, time.perf_counter() - job.started_at)
+                job.future.set_result(result)
 
+    def _measured(self, job: Job, seconds: float) -> None:
+        """Update the seconds-per-pass estimate that turns costs into expected run times."""
+        if job.cost >= 1 and seconds > 0:
+            per_pass = seconds / job.cost
+            self.seconds_per_pass += SECONDS_PER_PASS_SMOOTHING * (per_pass - self.seconds_per_pass)
+
+    # ---- stopping -----------------------------------------------------------------------------
     def close(self) -> None:
         """Stop taking new jobs; queued and running ones still finish."""
         self._accepting = False
@@ -173,15 +306,18 @@ class Scheduler:
         """Close, let the workers finish what is queued, and join them; True if all stopped in time."""
         self.close()
         end = None if timeout is None else time.monotonic() + timeout
-        for _ in self._threads:  # after every queued job (FIFO); a full queue must not outlast the timeout
-            try:
-                self._queue.put(_STOP, timeout=None if end is None else max(0.001, end - time.monotonic()))
-            except queue.Full:
-                break
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
         for thread in self._threads:
             thread.join(None if end is None else max(0.0, end - time.monotonic()))
         alive = [t.name for t in self._threads if t.is_alive()]
         if alive:
+            with self._cond:  # what is still queued will not run: tell its callers
+                left, self._pending = self._pending, []
+            for job in left:
+                if not job.future.done():
+                    job.future.set_exception(ShuttingDown("the server stopped before this request could run"))
             log_event(log, "scheduler_shutdown_timeout", logging.WARNING, workers_still_running=len(alive))
         return not alive
 

@@ -1,33 +1,50 @@
-"""The ExplainService servicer: parse and validate, hand to the scheduler, map errors to status codes."""
+"""The ExplainService servicer on ``grpc.aio``: decode and validate, hand to the scheduler, map errors to codes.
+
+Waiting holds no thread: every RPC is a coroutine on the server's one event loop, and only the
+explanations themselves run on the scheduler's worker threads. A thousand idle streams cost a
+thousand coroutines, never the threads that health checks and metadata RPCs need.
+
+Request bytes are decoded here, not by grpcio (its handlers get raw bytes), so a message that
+is not valid protobuf is INVALID_ARGUMENT, not grpcio's INTERNAL. Responses are serialised on
+the worker that built them, so a large response never holds up the event loop.
+"""
 from __future__ import annotations
 
-import concurrent.futures
+import asyncio
 import dataclasses
 import json
 import logging
-import queue
-import threading
 import time
 from typing import Optional
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from ..errors import ExplainRTError, InvalidInputError, MissingDependencyError, ModelError
 from ..explainers import METHODS
 from ..explainers.driver import Cancelled
 from ..proto.explainrt.v1 import explainrt_pb2 as pb
-from ..proto.explainrt.v1 import explainrt_pb2_grpc as pb_grpc
 from .logs import log_event
 from .metrics import ServerMetrics
 from .models import ModelNotFound, ModelRepository
-from .scheduler import DeadlineExceeded, Job, QueueFull, Scheduler, ShuttingDown
+from .scheduler import DeadlineExceeded, Job, OverBudget, QueueFull, Scheduler, ShuttingDown
 from .tasks import ExplainTask, RequestLimits, ResponseTooLarge, describe, parse_request, run_task
 
 log = logging.getLogger(__name__)
 
+SERVICE_NAME = "explainrt.v1.ExplainService"
+PRIORITY_RANGE = (-10, 10)
+PARSE_OFF_LOOP_BYTES = 1 << 20  # requests larger than this are validated on a thread, not on the event loop
+SLOT_POLL_S = 0.02  # a stream item waiting for a queue slot looks again this often
+_RESULT_FIELD = pb.ExplainStreamResponse.DESCRIPTOR.fields_by_name["result"].number
+
 
 class NotReady(ExplainRTError):
     """The server is still loading its models (→ UNAVAILABLE)."""
+
+
+class TooManyCalls(ExplainRTError):
+    """More explain calls are open than the server takes at once (→ RESOURCE_EXHAUSTED)."""
 
 
 def status_for(exc: BaseException, expired: bool = False) -> tuple[grpc.StatusCode, str]:
@@ -41,7 +58,7 @@ def status_for(exc: BaseException, expired: bool = False) -> tuple[grpc.StatusCo
         return code.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, ModelNotFound):
         return code.NOT_FOUND, str(exc)
-    if isinstance(exc, (QueueFull, ResponseTooLarge)):
+    if isinstance(exc, (QueueFull, ResponseTooLarge, OverBudget, TooManyCalls)):
         return code.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, (ShuttingDown, NotReady)):
         return code.UNAVAILABLE, str(exc)
@@ -66,63 +83,55 @@ class ServiceOptions:
     max_response_bytes: Optional[int] = None
     progress_interval_s: float = 0.5  # min seconds between two progress messages of one stream item
     stream_window: int = 4  # items of one stream in flight (queued or running) at a time
+    max_calls: int = 1024  # Explain + ExplainStream calls open at once
     limits: RequestLimits = dataclasses.field(default_factory=RequestLimits)
+
+
+def decode(message_type, data: bytes, what: str):
+    """Parse request bytes ourselves: bytes that are not a valid message are the client's mistake."""
+    try:
+        return message_type.FromString(data)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise InvalidInputError(f"the request is not a valid {what} message ({exc}); check the client's "
+                                "explainrt.v1 proto (reflection or explainrt/proto/explainrt/v1/explainrt.proto)") \
+            from None
+
+
+def _embed(field: int, payload: bytes) -> bytes:
+    """``payload`` (a serialised message) as field ``field`` of an enclosing message, in wire format."""
+    def varint(n: int) -> bytes:
+        out = bytearray()
+        while True:
+            byte, n = n & 0x7F, n >> 7
+            out.append(byte | (0x80 if n else 0))
+            if not n:
+                return bytes(out)
+    return varint(field << 3 | 2) + varint(len(payload)) + payload
 
 
 class _Item:
     """One request in flight: its task, job, timing and (for streams) its outgoing events."""
 
-    def __init__(self, rpc: str, request: pb.ExplainRequest, index: int = 0):
-        self.rpc, self.request, self.index = rpc, request, index
-        self.request_id = request.request_id
-        self.method = request.method
+    def __init__(self, rpc: str, index: int = 0):
+        self.rpc, self.index = rpc, index
+        self.request: Optional[pb.ExplainRequest] = None
         self.arrival = time.perf_counter()
         self.task: Optional[ExplainTask] = None
         self.job: Optional[Job] = None
-        self.events: "queue.Queue[tuple]" = queue.Queue()
+        self.forward_passes = 0
+        self.events: "asyncio.Queue[tuple]" = asyncio.Queue()
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id if self.request is not None else ""
+
+    @property
+    def method(self) -> str:
+        return self.request.method if self.request is not None else ""
 
 
-class _Stream:
-    """Items of one ExplainStream call: in request order, at most ``window`` queued or running at once."""
-
-    def __init__(self, window: int):
-        self.items: "queue.Queue[Optional[_Item]]" = queue.Queue()
-        self._window = threading.BoundedSemaphore(max(1, window))
-        self._closed = threading.Event()
-        self._lock = threading.Lock()
-        self._jobs: set = set()
-
-    def reserve(self) -> bool:
-        """Wait for a free slot in the window; False once the stream is cancelled."""
-        while not self._window.acquire(timeout=0.1):
-            if self._closed.is_set():
-                return False
-        return not self._closed.is_set()
-
-    def start(self, item: _Item) -> None:
-        self.items.put(item)
-
-    def track(self, item: _Item) -> None:
-        with self._lock:
-            self._jobs.add(item.job)
-        if self._closed.is_set():
-            item.job.cancel.set()
-
-    def finished(self, item: _Item) -> None:
-        with self._lock:
-            self._jobs.discard(item.job)
-        self._window.release()
-
-    def cancel(self) -> None:
-        """The call ended (client cancel, deadline, error): stop every job of the stream."""
-        self._closed.set()
-        with self._lock:
-            for job in self._jobs:
-                job.cancel.set()
-
-
-class ExplainServicer(pb_grpc.ExplainServiceServicer):
-    """Thin gRPC layer over the model repository and the scheduler."""
+class ExplainServicer:
+    """Thin gRPC layer over the model repository and the scheduler (every handler is a coroutine)."""
 
     def __init__(self, models: ModelRepository, scheduler: Scheduler, metrics: ServerMetrics,
                  options: Optional[ServiceOptions] = None):
@@ -131,8 +140,21 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
         self.metrics = metrics
         self.options = options or ServiceOptions()
         self._active = 0
-        self._active_lock = threading.Lock()
         self.last_call_at = float("-inf")  # time.monotonic() of the latest Explain/ExplainStream call
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The service's method handlers: requests arrive as bytes (decoded by ``decode``)."""
+        def unary(fn, response_type=None):
+            return grpc.unary_unary_rpc_method_handler(
+                fn, response_serializer=None if response_type is None else response_type.SerializeToString)
+
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, {
+            "Explain": unary(self.Explain),  # the worker serialises the response
+            "ExplainStream": grpc.stream_stream_rpc_method_handler(self.ExplainStream),
+            "ListModels": unary(self.ListModels, pb.ListModelsResponse),
+            "GetModelMetadata": unary(self.GetModelMetadata, pb.ModelMetadataResponse),
+        })
 
     @property
     def active_calls(self) -> int:
@@ -140,125 +162,161 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
         return self._active
 
     def _enter(self) -> None:
-        with self._active_lock:
-            self._active += 1
-            self.last_call_at = time.monotonic()
+        """Count one more explain call (on the event loop: no lock needed)."""
+        self.last_call_at = time.monotonic()
+        self._active += 1
+
+    def _check_capacity(self) -> None:
+        if self._active > self.options.max_calls:
+            raise TooManyCalls(f"the server has {self.options.max_calls} explain calls open already (--max-calls); "
+                               "retry with backoff, or send several images over one ExplainStream")
 
     def _leave(self) -> None:
-        with self._active_lock:
-            self._active -= 1
+        self._active -= 1
 
     # ---- unary -------------------------------------------------------------------------
-    def Explain(self, request, context):
-        item = _Item("Explain", request)
+    async def Explain(self, data: bytes, context):
+        item = _Item("Explain")
         self._enter()
         try:
             try:
-                self._prepare(item, _deadline(context))
-                if not context.add_callback(item.job.cancel.set):  # the RPC already ended
+                self._check_capacity()
+                item.request = decode(pb.ExplainRequest, data, "ExplainRequest")
+                await self._prepare(item, _deadline(context), stream=False)
+                self.scheduler.submit(item.job)
+                payload = await self._await(item, context.time_remaining())
+            except asyncio.CancelledError:  # the client went away or the deadline passed
+                if item.job is not None:
                     item.job.cancel.set()
-                self.scheduler.submit(item.job, wait=0.0)
-                response = self._await(item, context.time_remaining())
-            except Exception as exc:  # every failure becomes a status code; context.abort raises past this
+                self._failed(item, Cancelled("the client cancelled the call"))
+                raise
+            except Exception as exc:  # every failure becomes a status code; abort raises past this
                 code, message = self._failed(item, exc)
-                context.abort(code, message)
-            self._succeeded(item, response)
-            return response
+                await context.abort(code, message)
+            self._succeeded(item)
+            return payload
         finally:
             self._leave()
 
     # ---- stream ------------------------------------------------------------------------
-    def ExplainStream(self, request_iterator, context):
-        stream = _Stream(self.options.stream_window)
-        if not context.add_callback(stream.cancel):
-            return
+    async def ExplainStream(self, request_iterator, context):
         self._enter()
-        reader = threading.Thread(target=self._read_stream, name="explainrt-stream-reader", daemon=True,
-                                  args=(request_iterator, stream, _deadline(context)))
-        reader.start()
+        items: "asyncio.Queue[Optional[_Item]]" = asyncio.Queue()
+        window = asyncio.Semaphore(max(1, self.options.stream_window))
+        jobs: set = set()
+        reader = None
         try:
+            try:
+                self._check_capacity()
+            except TooManyCalls as exc:
+                code, message = status_for(exc)
+                self.metrics.observe("ExplainStream", "", code.name, 0.0)
+                await context.abort(code, message)
+            reader = asyncio.ensure_future(self._read_stream(request_iterator, items, window, jobs,
+                                                             _deadline(context)))
             while True:
-                try:
-                    item = stream.items.get(timeout=1.0)
-                except queue.Empty:
-                    if not context.is_active():
-                        return
-                    continue
+                item = await items.get()
                 if item is None:
                     return
                 while True:
-                    try:
-                        kind, *payload = item.events.get(timeout=1.0)
-                    except queue.Empty:
-                        if not context.is_active():  # the client is gone: free this RPC thread
-                            return
-                        continue
+                    kind, *payload = await item.events.get()
                     if kind == "progress":
                         done, total = payload
                         yield pb.ExplainStreamResponse(index=item.index, request_id=item.request_id,
-                                                       progress=pb.Progress(done=done, total=total))
+                                                       progress=pb.Progress(done=done, total=total)).SerializeToString()
                         continue
-                    stream.finished(item)
+                    window.release()
+                    jobs.discard(item.job)
                     if kind == "result":
-                        yield pb.ExplainStreamResponse(index=item.index, request_id=item.request_id,
-                                                       result=payload[0])
+                        yield payload[0]
                     else:
                         code, message = payload
                         yield pb.ExplainStreamResponse(
                             index=item.index, request_id=item.request_id,
-                            error=pb.ItemError(code=code.value[0], code_name=code.name, message=message))
+                            error=pb.ItemError(code=code.value[0], code_name=code.name,
+                                               message=message)).SerializeToString()
                     break
         finally:
-            stream.cancel()
+            if reader is not None:
+                reader.cancel()
+            for job in list(jobs):  # the call ended (client cancel, deadline, error): stop its work
+                job.cancel.set()
             self._leave()
 
-    def _read_stream(self, request_iterator, stream: "_Stream", deadline: Optional[float]) -> None:
-        """Reader thread of one stream: validate and queue each request in order, at most ``window`` at once."""
+    async def _read_stream(self, request_iterator, items: asyncio.Queue, window: asyncio.Semaphore, jobs: set,
+                           deadline: Optional[float]) -> None:
+        """Validate and queue each request in order, at most ``window`` of the stream at once."""
         index = 0
         try:
-            for request in request_iterator:
-                if not stream.reserve():
-                    return
-                item = _Item("ExplainStream", request, index)
+            async for data in request_iterator:
+                await window.acquire()
+                item = _Item("ExplainStream", index)
                 index += 1
-                stream.start(item)
+                items.put_nowait(item)
                 try:
-                    self._prepare(item, deadline, stream=True)
-                    stream.track(item)
-                    self.scheduler.submit(item.job, wait=None)  # a full queue slows the stream down instead
+                    item.request = decode(pb.ExplainRequest, data, "ExplainRequest")
+                    await self._prepare(item, deadline, stream=True)
+                    jobs.add(item.job)
+                    await self._submit_when_a_slot_frees(item.job)  # a full queue slows the stream down
+                except asyncio.CancelledError:
+                    raise
                 except Exception as exc:
                     code, message = self._failed(item, exc)
-                    item.events.put(("error", code, message))
+                    item.events.put_nowait(("error", code, message))
                     continue
-                item.job.future.add_done_callback(lambda _f, it=item: self._stream_item_done(it))
+                loop = asyncio.get_running_loop()
+                item.job.future.add_done_callback(
+                    lambda _f, it=item: loop.call_soon_threadsafe(self._stream_item_done, it))
+        except asyncio.CancelledError:
+            pass
         except grpc.RpcError:
-            pass  # the client went away; stream.cancel has stopped the work
+            pass  # the client went away; the handler's finally stops the work
         except Exception:  # a bug in the reader must not hang the stream
             log.exception("event=stream_reader_failed", extra={"fields": {"event": "stream_reader_failed"}})
         finally:
-            stream.items.put(None)
+            items.put_nowait(None)
+
+    async def _submit_when_a_slot_frees(self, job: Job) -> None:
+        while True:
+            try:
+                self.scheduler.submit(job)
+                return
+            except QueueFull:
+                if job.dead():
+                    raise DeadlineExceeded("the deadline passed while the request waited for a queue slot") \
+                        if job.expired() else Cancelled("the request was cancelled while waiting for a queue slot")
+                await asyncio.sleep(SLOT_POLL_S)
 
     def _stream_item_done(self, item: _Item) -> None:
+        """On the event loop, once the item's job has finished."""
         try:
-            response = self._await(item, None)
-        except Exception as exc:
+            payload = item.job.future.result()
+        except BaseException as exc:  # noqa: BLE001 (every failure becomes an item error)
             code, message = self._failed(item, exc)
-            item.events.put(("error", code, message))
+            item.events.put_nowait(("error", code, message))
             return
-        self._succeeded(item, response)
-        item.events.put(("result", response))
+        self._succeeded(item)
+        item.events.put_nowait(("result", payload))
 
     # ---- models ------------------------------------------------------------------------
-    def _abort_unless_ready(self, rpc: str, context, t0: float) -> None:
+    async def _abort_unless_ready(self, rpc: str, context, t0: float) -> None:
         """Model RPCs answer UNAVAILABLE (retried by clients) while the models load, not a partial answer."""
         if not self.models.ready:
-            code, message = status_for(NotReady("the server is still loading its models; retry in a few seconds"))
-            self.metrics.observe(rpc, "", code.name, time.perf_counter() - t0)
-            context.abort(code, message)
+            await self._abort(rpc, context, t0, NotReady("the server is still loading its models; retry in a few "
+                                                         "seconds"))
 
-    def ListModels(self, request, context):
+    async def _abort(self, rpc: str, context, t0: float, exc: BaseException) -> None:
+        code, message = status_for(exc)
+        self.metrics.observe(rpc, "", code.name, time.perf_counter() - t0)
+        await context.abort(code, message)
+
+    async def ListModels(self, data: bytes, context):
         t0 = time.perf_counter()
-        self._abort_unless_ready("ListModels", context, t0)
+        try:
+            decode(pb.ListModelsRequest, data, "ListModelsRequest")
+        except InvalidInputError as exc:
+            await self._abort("ListModels", context, t0, exc)
+        await self._abort_unless_ready("ListModels", context, t0)
         response = pb.ListModelsResponse()
         for name in self.models.names():
             model = self.models.get(name)
@@ -268,33 +326,55 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
         self.metrics.observe("ListModels", "", "OK", time.perf_counter() - t0)
         return response
 
-    def GetModelMetadata(self, request, context):
+    async def GetModelMetadata(self, data: bytes, context):
         t0 = time.perf_counter()
-        self._abort_unless_ready("GetModelMetadata", context, t0)
+        await self._abort_unless_ready("GetModelMetadata", context, t0)
         try:
+            request = decode(pb.GetModelMetadataRequest, data, "GetModelMetadataRequest")
             model = self.models.get(request.model)
         except (ModelNotFound, InvalidInputError) as exc:
-            code, message = status_for(exc)
-            self.metrics.observe("GetModelMetadata", "", code.name, time.perf_counter() - t0)
-            context.abort(code, message)
+            await self._abort("GetModelMetadata", context, t0, exc)
         self.metrics.observe("GetModelMetadata", "", "OK", time.perf_counter() - t0)
         return model_metadata(model)
 
     # ---- shared ------------------------------------------------------------------------
-    def _prepare(self, item: _Item, deadline: Optional[float], stream: bool = False) -> None:
+    async def _prepare(self, item: _Item, deadline: Optional[float], stream: bool) -> None:
         """Validate the request and make its job (not yet queued)."""
         if not self.models.ready:
             raise NotReady("the server is still loading its models; retry in a few seconds (health: NOT_SERVING)")
         if not self.scheduler.accepting:
             raise ShuttingDown("the server is shutting down and takes no new requests; retry on another replica")
-        task = item.task = parse_request(item.request, self.models, self.options.limits)
-        progress = self._progress(item, stream)
-        limit = self.options.max_response_bytes
-        item.job = Job(run=lambda job: run_task(task, progress, job.cancel, limit), deadline=deadline,
-                       name=f"{task.model.name}/{task.method}")
+        request = item.request
+        low, high = PRIORITY_RANGE
+        if not low <= request.priority <= high:
+            raise InvalidInputError(f"priority must be in {low}..{high}, got {request.priority}")
+        if request.ByteSize() > PARSE_OFF_LOOP_BYTES:  # decoding checks of big tensors: off the event loop
+            task = await asyncio.to_thread(parse_request, request, self.models, self.options.limits)
+        else:
+            task = parse_request(request, self.models, self.options.limits)
+        item.task = task
+        progress = self._progress(item, stream, asyncio.get_running_loop())
+        item.job = Job(run=lambda job: self._execute(item, job, progress, stream), deadline=deadline,
+                       name=f"{task.model.name}/{task.method}", cost=getattr(task, "cost_passes", 1),
+                       memory=getattr(task, "memory_bytes", 0), priority=request.priority, method=task.method)
 
-    def _progress(self, item: _Item, stream: bool):
-        """progress(done, total) for the explainer: counts masked passes; on streams, queues progress messages."""
+    def _execute(self, item: _Item, job: Job, progress, stream: bool) -> bytes:
+        """On a worker: explain, build and serialise the response (the event loop only sends bytes)."""
+        from .batcher import request_scope
+
+        with request_scope(item.task.model.explainer.engine, cheap=self.scheduler.cheap(job)):
+            response = run_task(item.task, progress, job.cancel, self.options.max_response_bytes)
+        item.forward_passes = int(response.forward_passes)
+        response.timings.queue_s = job.queue_seconds
+        response.timings.total_s = time.perf_counter() - item.arrival
+        body = response.SerializeToString()
+        if not stream:
+            return body
+        header = pb.ExplainStreamResponse(index=item.index, request_id=item.request_id).SerializeToString()
+        return header + _embed(_RESULT_FIELD, body)
+
+    def _progress(self, item: _Item, stream: bool, loop: asyncio.AbstractEventLoop):
+        """progress(done, total) for the explainer: counts masked passes; on streams, sends progress messages."""
         model, method = item.task.model.name, item.task.method
         interval = self.options.progress_interval_s
         state = {"last": 0, "emitted": time.perf_counter()}
@@ -308,32 +388,29 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
                 now = time.perf_counter()
                 if now - state["emitted"] >= interval:
                     state["emitted"] = now
-                    item.events.put(("progress", done, total))
+                    loop.call_soon_threadsafe(item.events.put_nowait, ("progress", done, total))
 
         return progress
 
-    def _await(self, item: _Item, timeout: Optional[float]) -> pb.ExplainResponse:
+    async def _await(self, item: _Item, timeout: Optional[float]) -> bytes:
         job = item.job
         try:
-            response = job.future.result(timeout=timeout)
-        except concurrent.futures.TimeoutError:
+            return await asyncio.wait_for(asyncio.wrap_future(job.future), timeout)
+        except asyncio.TimeoutError:
             job.cancel.set()
             raise DeadlineExceeded(
                 f"the deadline passed after {time.perf_counter() - item.arrival:.2f} s, before the explanation "
                 "finished; the server stopped its work. Give the call a longer deadline, or ask for less work "
                 "(fewer masks, a smaller image)") from None
-        response.timings.queue_s = job.queue_seconds
-        response.timings.total_s = time.perf_counter() - item.arrival
-        return response
 
-    def _succeeded(self, item: _Item, response: pb.ExplainResponse) -> None:
+    def _succeeded(self, item: _Item) -> None:
         seconds = time.perf_counter() - item.arrival
         self.metrics.observe(item.rpc, item.method, "OK", seconds)
-        self.metrics.queue_wait.observe(item.job.queue_seconds)
-        self.metrics.forward_passes.labels(item.task.model.name, item.method).inc(response.forward_passes)
+        self.metrics.observe_queue_wait(item.method, item.job.queue_seconds)
+        self.metrics.forward_passes.labels(item.task.model.name, item.method).inc(item.forward_passes)
         log_event(log, "rpc", rpc=item.rpc, index=item.index if item.rpc == "ExplainStream" else None,
                   **describe(item.task), code="OK", ms=round(seconds * 1e3, 2),
-                  queue_ms=round(item.job.queue_seconds * 1e3, 2), passes=response.forward_passes)
+                  queue_ms=round(item.job.queue_seconds * 1e3, 2), passes=item.forward_passes)
 
     def _failed(self, item: _Item, exc: BaseException) -> tuple[grpc.StatusCode, str]:
         expired = item.job is not None and item.job.expired()

@@ -117,7 +117,8 @@ def test_get_model_metadata(client, reference):
 
 def test_server_engines_do_not_spin(server):
     """ONNX Runtime's busy-waiting threads are off in the server (they starve its other threads)."""
-    options = server.models.get("tiny").explainer.engine.session.get_session_options()
+    engine = server.models.get("tiny").explainer.engine
+    options = getattr(engine, "engine", engine).session.get_session_options()  # (behind the batcher)
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
@@ -180,7 +181,7 @@ def test_health_watch_follows_shutdown(model_dir):
         unknown = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service="x"), timeout=10)
         assert next(unknown).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
         unknown.cancel()
-        srv.health.enter_graceful_shutdown()  # what stop() does first
+        srv._call(srv.health.enter_graceful_shutdown())  # what stop() does first (on the server's event loop)
         assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
         watch.cancel()
     finally:

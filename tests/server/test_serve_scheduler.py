@@ -62,21 +62,136 @@ def test_cancelled_or_expired_job_never_runs():
         sched.shutdown(5)
 
 
-def test_blocking_submit_waits_for_a_slot_and_gives_up_when_cancelled():
+def test_cancelled_and_expired_jobs_free_their_queue_slot_at_once():
+    """Dead work never refuses live work: a cancelled job leaves at its cancel, an expired one stops counting."""
     release, started = threading.Event(), threading.Event()
-    sched = Scheduler(workers=1, queue_size=1)
+    sched = Scheduler(workers=1, queue_size=2)
     try:
         sched.submit(Job(_blocker(release, started)))
         assert started.wait(5)
-        sched.submit(Job(lambda job: 1))
-        waiting = Job(lambda job: 2)
-        threading.Timer(0.1, waiting.cancel.set).start()
-        with pytest.raises(Cancelled):
-            sched.submit(waiting, wait=None)
-        threading.Timer(0.1, release.set).start()
-        assert sched.submit(Job(lambda job: 3), wait=None).result(5) == 3  # a slot frees up
+        cancelled = Job(lambda job: "never")
+        expired = Job(lambda job: "never", deadline=time.monotonic() + 0.05)
+        sched.submit(cancelled)
+        sched.submit(expired)
+        with pytest.raises(QueueFull):
+            sched.submit(Job(lambda job: None))
+        cancelled.cancel.set()
+        with pytest.raises(Cancelled):  # its caller hears at once, not when a worker gets to it
+            cancelled.future.result(0.5)
+        time.sleep(0.06)
+        assert sched.depth == 0
+        live = [sched.submit(Job(lambda job, i=i: i)) for i in range(2)]  # both slots are free again
+        with pytest.raises(DeadlineExceeded):
+            expired.future.result(0.5)
+        release.set()
+        assert [f.result(5) for f in live] == [0, 1]
     finally:
         sched.shutdown(5)
+
+
+def _record(order, name):
+    def run(job):
+        order.append(name)
+        return name
+    return run
+
+
+def _queued_behind_blocker(sched, jobs):
+    """Submit ``jobs`` while one blocker holds the only worker; then release it and wait for all."""
+    release, started = threading.Event(), threading.Event()
+    sched.submit(Job(_blocker(release, started), cost=1))
+    assert started.wait(5)
+    for job in jobs:
+        sched.submit(job)
+    release.set()
+    for job in jobs:
+        job.future.result(5)
+
+
+def test_cheap_requests_overtake_expensive_ones_and_priority_comes_first():
+    order = []
+    sched = Scheduler(workers=1, queue_size=8)
+    try:
+        _queued_behind_blocker(sched, [
+            Job(_record(order, "scorecam"), cost=500), Job(_record(order, "sidu"), cost=300),
+            Job(_record(order, "fem"), cost=1), Job(_record(order, "urgent-rise"), cost=4001, priority=5)])
+        assert order == ["urgent-rise", "fem", "sidu", "scorecam"]
+    finally:
+        sched.shutdown(5)
+
+
+def test_aging_an_expensive_request_is_not_starved_by_later_cheap_ones():
+    """A job's key is arrival + expected run time: cheap jobs arriving after that instant queue behind it."""
+    order = []
+    sched = Scheduler(workers=1, queue_size=8)
+    sched.seconds_per_pass = 0.001  # 100 passes: 0.1 s expected
+    try:
+        release, started = threading.Event(), threading.Event()
+        sched.submit(Job(_blocker(release, started)))
+        assert started.wait(5)
+        expensive = Job(_record(order, "expensive"), cost=100)
+        sched.submit(expensive)
+        early = Job(_record(order, "early-cheap"), cost=1)
+        sched.submit(early)
+        time.sleep(0.15)  # past the expensive job's own expected run time
+        late = Job(_record(order, "late-cheap"), cost=1)
+        sched.submit(late)
+        release.set()
+        for job in (expensive, early, late):
+            job.future.result(5)
+        assert order == ["early-cheap", "expensive", "late-cheap"]
+    finally:
+        sched.shutdown(5)
+
+
+def test_the_last_worker_is_kept_for_cheap_requests():
+    release = threading.Event()
+    sched = Scheduler(workers=2, queue_size=8)
+    try:
+        slow = [Job(_blocker(release), cost=500) for _ in range(2)]
+        for job in slow:
+            sched.submit(job)
+        assert _wait(lambda: sched.running == 1 and sched.depth == 1)  # the second expensive one waits
+        fem = Job(lambda job: "fem", cost=1)
+        sched.submit(fem)
+        assert fem.future.result(2) == "fem"  # ran at once on the reserved worker
+        release.set()
+        assert [j.future.result(5) for j in slow] == ["done", "done"]
+    finally:
+        sched.shutdown(5)
+
+
+def test_memory_budget_holds_jobs_that_do_not_fit_and_refuses_impossible_ones():
+    from explainrt.server.scheduler import OverBudget
+
+    release, started = threading.Event(), threading.Event()
+    sched = Scheduler(workers=4, queue_size=8, memory_budget=100)
+    try:
+        big = Job(_blocker(release, started), cost=1, memory=80)
+        sched.submit(big)
+        assert started.wait(5)
+        small = Job(lambda job: "small", cost=1, memory=20)
+        too_big_now = Job(lambda job: "later", cost=1, memory=30)
+        sched.submit(too_big_now)
+        sched.submit(small)
+        assert small.future.result(2) == "small"  # fits beside the big one
+        time.sleep(0.1)
+        assert not too_big_now.future.done() and sched.memory_in_use == 80
+        release.set()
+        assert too_big_now.future.result(5) == "later"
+        with pytest.raises(OverBudget, match="more than this server's whole memory budget"):
+            sched.submit(Job(lambda job: None, memory=101))
+    finally:
+        sched.shutdown(5)
+
+
+def _wait(condition, timeout=5.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.005)
+    return condition()
 
 
 def test_shutdown_finishes_queued_work_and_refuses_new():
