@@ -20,11 +20,13 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 import numpy as np
 
 from .api import FirstTargetView, target_indices
+from .credentials import TOKEN_ENV, SecurityError, check_key_pair, check_token, is_loopback, read_pem
 from .errors import ExplainRTError, InvalidInputError, require
 
 log = logging.getLogger(__name__)
 
 ImageInput = Union[str, os.PathLike, bytes, np.ndarray]
+PathLike = Union[str, os.PathLike]
 MIB = 2**20
 
 
@@ -94,21 +96,50 @@ class ExplainClient:
     ``timeout``: seconds per call (None: no deadline); calls answered UNAVAILABLE (server
     starting, draining, unreachable) are retried ``retries`` times with exponential backoff
     from ``backoff`` seconds. ``max_message_mib`` bounds messages both ways.
+
+    TLS: ``tls_ca`` (PEM file of the CA that signed the server's certificate) turns it on;
+    ``tls=True`` alone trusts the system's root certificates. ``tls_cert``/``tls_key`` (PEM files)
+    present a client certificate to a server that asks for one (mutual TLS). ``tls_server_name``
+    checks the server's certificate against that name instead of the host in ``url``.
+    ``token``: sent as ``authorization: Bearer <token>`` on every call (default: the
+    ``EXPLAINRT_TOKEN`` environment variable, if set). A wrong or missing token raises
+    ``RemoteError`` with code UNAUTHENTICATED (never retried).
     """
 
     def __init__(self, url: str, timeout: Optional[float] = 60.0, retries: int = 3, backoff: float = 0.1,
-                 max_message_mib: int = 256, model: Optional[str] = None):
+                 max_message_mib: int = 256, model: Optional[str] = None, *, tls: bool = False,
+                 tls_ca: Optional[PathLike] = None, tls_cert: Optional[PathLike] = None,
+                 tls_key: Optional[PathLike] = None, tls_server_name: Optional[str] = None,
+                 token: Optional[str] = None):
         self.grpc = require("grpc", "serve", "the explainrt client")
         from .proto.explainrt.v1 import explainrt_pb2, explainrt_pb2_grpc
 
         self.pb = explainrt_pb2
         self.url, self.timeout, self.retries, self.backoff, self.model = url, timeout, int(retries), backoff, model
-        self.channel = self.grpc.insecure_channel(url, options=[
+        options = [
             ("grpc.max_receive_message_length", max_message_mib * MIB),
             ("grpc.max_send_message_length", max_message_mib * MIB),
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.keepalive_timeout_ms", 10_000),
-        ])
+        ]
+        credentials = _channel_credentials(self.grpc, tls, tls_ca, tls_cert, tls_key, tls_server_name)
+        self.tls = credentials is not None
+        self._hint = _tls_hint(self.tls, bool(tls_cert))
+        if token is None:
+            token = os.environ.get(TOKEN_ENV) or None
+            label = f"${TOKEN_ENV}"
+        else:
+            label = "the token"
+        self._metadata = (("authorization", f"Bearer {check_token(token, label)}"),) if token is not None else None
+        if self.tls:
+            if tls_server_name:
+                options.append(("grpc.ssl_target_name_override", tls_server_name))
+            self.channel = self.grpc.secure_channel(url, credentials, options=options)
+        else:
+            if token is not None and not url.startswith("unix:") and not is_loopback(url.rpartition(":")[0]):
+                log.warning("sending the token to %s without TLS: anyone on the network can read it (pass tls_ca "
+                            "/ --tls-ca for a server with TLS)", url)
+            self.channel = self.grpc.insecure_channel(url, options=options)
         self.stub = explainrt_pb2_grpc.ExplainServiceStub(self.channel)
 
     # ---- requests ----------------------------------------------------------------------
@@ -205,7 +236,7 @@ class ExplainClient:
             for i in sorted(k for k in refused if k < index):
                 yield refused.pop(i)
 
-        call = self.stub.ExplainStream(messages(), timeout=timeout)
+        call = self.stub.ExplainStream(messages(), timeout=timeout, metadata=self._metadata)
         try:
             for reply in call:
                 kind = reply.WhichOneof("kind")
@@ -222,7 +253,7 @@ class ExplainClient:
                     yield RemoteError(reply.error.code_name, reply.error.message, index, reply.request_id)
             yield from refused_before(float("inf"))
         except self.grpc.RpcError as exc:
-            raise _remote_error(exc) from None
+            raise _remote_error(exc, self._hint) from None
         finally:
             call.cancel()
         if failure:
@@ -278,14 +309,14 @@ class ExplainClient:
         timeout = self.timeout if timeout is None else timeout
         for attempt in range(self.retries + 1):
             try:
-                return method(request, timeout=timeout)
+                return method(request, timeout=timeout, metadata=self._metadata)
             except self.grpc.RpcError as exc:
                 if exc.code() == self.grpc.StatusCode.UNAVAILABLE and attempt < self.retries:
                     delay = self.backoff * (2 ** attempt)
                     log.info("event=retry code=UNAVAILABLE attempt=%d delay_s=%.3f", attempt + 1, delay)
                     time.sleep(delay)
                     continue
-                raise _remote_error(exc) from None
+                raise _remote_error(exc, self._hint) from None
         raise AssertionError("unreachable")
 
     def close(self) -> None:
@@ -298,6 +329,50 @@ class ExplainClient:
         self.close()
 
 
-def _remote_error(exc) -> RemoteError:
+def _remote_error(exc, hint: Callable[[str], str] = lambda details: "") -> RemoteError:
     code = exc.code()
-    return RemoteError(code.name if code is not None else "UNKNOWN", exc.details() or str(exc))
+    details = exc.details() or str(exc)
+    if code is not None and code.name == "UNAVAILABLE":
+        details += hint(details)
+    return RemoteError(code.name if code is not None else "UNKNOWN", details)
+
+
+def _tls_hint(tls: bool, client_cert: bool) -> Callable[[str], str]:
+    """What to try when a connection failed: gRPC's reasons name TLS only half the time."""
+    def hint(details: str) -> str:
+        low = details.lower()
+        if "hostname verification" in low:
+            return (" (the server's certificate does not name the host of the URL: connect by a name it carries, "
+                    "or pass tls_server_name / --tls-server-name)")
+        if "certificate_verify_failed" in low:
+            return " (the server's certificate is not signed by the CA given: check tls_ca / --tls-ca)"
+        if "wrong_version_number" in low:
+            return " (the server does not speak TLS: drop tls_ca / --tls-ca, or start it with --tls-cert/--tls-key)"
+        if "socket closed" in low or "connection reset" in low:
+            if not tls:
+                return " (if the server uses TLS, pass tls_ca / --tls-ca)"
+            if not client_cert:
+                return " (if the server asks for client certificates, pass tls_cert/tls_key / --tls-cert/--tls-key)"
+            return " (if the server asks for client certificates, was this one signed by its --tls-client-ca?)"
+        return ""
+
+    return hint
+
+
+def _channel_credentials(grpc, tls: bool, ca, cert, key, server_name):
+    """``grpc.ssl_channel_credentials`` from PEM files (checked), or None for a plaintext channel."""
+    if bool(cert) != bool(key):
+        given, missing = ("tls_cert", "tls_key") if cert else ("tls_key", "tls_cert")
+        raise SecurityError(f"{given} (--{given.replace('_', '-')}) needs {missing} (--{missing.replace('_', '-')}) "
+                            "as well: a client certificate goes with its private key")
+    if not (tls or ca or cert):
+        if server_name:
+            raise SecurityError(f"tls_server_name {server_name!r} needs TLS: give tls_ca (--tls-ca) or tls=True (--tls)")
+        return None
+    roots = read_pem(ca, "CA certificate", "--tls-ca") if ca else None
+    chain = private_key = None
+    if cert:
+        chain = read_pem(cert, "client certificate", "--tls-cert")
+        private_key = read_pem(key, "client key", "--tls-key", key=True)
+        check_key_pair(cert, key, "client", ("--tls-cert", "--tls-key"))
+    return grpc.ssl_channel_credentials(root_certificates=roots, private_key=private_key, certificate_chain=chain)

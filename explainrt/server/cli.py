@@ -54,6 +54,16 @@ def register(subparsers) -> None:
     p.add_argument("--timeout", type=positive_float, default=None, help="seconds for the whole run (default: none)")
     p.add_argument("--list-models", action="store_true", help="print the server's models and exit")
     p.add_argument("--health", action="store_true", help="print the server's health status and exit")
+    tls = p.add_argument_group("TLS and authentication")
+    tls.add_argument("--tls-ca", default=None, metavar="PEM",
+                     help="CA certificate that signed the server's certificate (turns TLS on)")
+    tls.add_argument("--tls", action="store_true", help="TLS with the system's root certificates (no --tls-ca)")
+    tls.add_argument("--tls-cert", default=None, metavar="PEM", help="client certificate, for mutual TLS")
+    tls.add_argument("--tls-key", default=None, metavar="PEM", help="the client certificate's private key")
+    tls.add_argument("--tls-server-name", default=None, metavar="NAME",
+                     help="name the server's certificate must carry, when not the host of --url")
+    tls.add_argument("--token-file", default=None, metavar="FILE",
+                     help="file holding the server's bearer token (default: $EXPLAINRT_TOKEN, if set)")
     p.set_defaults(func=cmd_client)
 
 
@@ -94,7 +104,12 @@ def cmd_client(args) -> int:
     from ..outputs import (dumps, output_stems, parse_methods, prepare_output_dir, result_line, result_record,
                            write_result_files)
 
-    with ExplainClient(args.url, timeout=args.timeout, model=args.model) as client:
+    from ..credentials import read_token_file
+
+    token = read_token_file(args.token_file, "--token-file") if args.token_file else None  # None: $EXPLAINRT_TOKEN
+    with ExplainClient(args.url, timeout=args.timeout, model=args.model, tls=args.tls, tls_ca=args.tls_ca,
+                       tls_cert=args.tls_cert, tls_key=args.tls_key, tls_server_name=args.tls_server_name,
+                       token=token) as client:
         if args.health:
             status = client.health(args.model or "")
             print(status)
