@@ -19,7 +19,8 @@ def register(subparsers) -> None:
     d = ServerConfig(models="")
     p = subparsers.add_parser("serve", help="serve explanations over gRPC (health, reflection, Prometheus metrics)")
     p.add_argument("--models", required=True, help="directory of exported .onnx models (name = file stem)")
-    p.add_argument("--host", default=d.host, help=f"address to bind (default {d.host}: every interface)")
+    p.add_argument("--host", default=d.host,
+                   help=f"address to bind (default {d.host}: this machine only; [::] or 0.0.0.0 for every interface)")
     p.add_argument("--port", type=port_number, default=d.port, help=f"gRPC port (default {d.port}; 0 picks a free one)")
     p.add_argument("--metrics-port", type=port_number, default=None, help="serve Prometheus /metrics on this HTTP port")
     p.add_argument("--workers", type=positive_int, default=d.workers, help=f"explanations run at once (default {d.workers})")
@@ -43,6 +44,25 @@ def register(subparsers) -> None:
                    help=f"largest request in MiB (default {d.max_receive_mib}: a 4K PNG or raw RGB image fits)")
     p.add_argument("--grace", type=float, default=d.grace_s,
                    help=f"seconds in-flight requests get to finish on SIGTERM (default {d.grace_s:g})")
+    p.add_argument("--memory-budget-mib", type=positive_int, default=d.memory_budget_mib,
+                   help=f"memory that all running requests may hold together; a request waits until its share fits, "
+                        f"one that can never fit is refused (default {d.memory_budget_mib})")
+    p.add_argument("--max-calls", type=positive_int, default=d.max_calls,
+                   help=f"Explain/ExplainStream calls open at once; more get RESOURCE_EXHAUSTED, health and metadata "
+                        f"RPCs always get through (default {d.max_calls})")
+    p.add_argument("--max-queue-delay-ms", type=_queue_delay, default=d.max_queue_delay_ms,
+                   help=f"cross-request batching: how long an engine batch with room waits for other requests' calls "
+                        f"(default {d.max_queue_delay_ms:g}; 0: only what already waits; 'off': no batching)")
+    p.add_argument("--cheap-passes", type=positive_int, default=d.cheap_passes,
+                   help=f"requests of at most this many forward passes are cheap: they run first and keep a worker "
+                        f"of their own (default {d.cheap_passes}: FEM and a few baselines)")
+    p.add_argument("--tls-cert", default=None, help="PEM certificate (chain) of the server: serve TLS")
+    p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", default=None,
+                   help="PEM CA bundle: require client certificates signed by it (mutual TLS)")
+    p.add_argument("--auth-token-file", default=None,
+                   help="file holding a bearer token every RPC but the health service must send "
+                        "('authorization: Bearer TOKEN'); others get UNAUTHENTICATED")
     p.add_argument("--log-format", default="kv", choices=("kv", "json"), help="structured log lines (default kv)")
     p.set_defaults(func=cmd_serve)
 
@@ -67,11 +87,27 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_client)
 
 
+def _queue_delay(text: str):
+    """--max-queue-delay-ms: milliseconds >= 0, or 'off' (None: no cross-request batching)."""
+    import argparse
+
+    if text.strip().lower() == "off":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected milliseconds >= 0 or 'off', got {text!r}") from None
+    if not 0 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"expected milliseconds in 0..1000 or 'off', got {text!r}")
+    return value
+
+
 def cmd_serve(args) -> int:
     require("grpc", "serve", "`explainrt serve`")
     from . import logs
     from .app import ExplainServer
     from .config import ServerConfig
+    from .security import exposure_warning, security_summary
 
     logs.configure(args.log_format, logging.INFO)
     config = ServerConfig(models=args.models, host=args.host, port=args.port, metrics_port=args.metrics_port,
@@ -80,12 +116,20 @@ def cmd_serve(args) -> int:
                           ort_spinning=args.ort_spinning,
                           max_receive_mib=args.max_message_mib, max_send_mib=max(args.max_message_mib, 256),
                           max_masks=args.max_masks, max_targets=args.max_targets,
-                          max_pixels=int(args.max_megapixels * 1e6), grace_s=args.grace)
+                          max_pixels=int(args.max_megapixels * 1e6), grace_s=args.grace,
+                          memory_budget_mib=args.memory_budget_mib, max_calls=args.max_calls,
+                          max_queue_delay_ms=args.max_queue_delay_ms, cheap_passes=args.cheap_passes,
+                          tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+                          auth_token_file=args.auth_token_file)
     server = ExplainServer(config)
     server.install_signal_handlers()
     server.start(load=False)
-    print(f"explainrt serve: listening on {args.host}:{server.port}"
+    batching = "off" if config.max_queue_delay_ms is None else f"{config.max_queue_delay_ms:g} ms"
+    print(f"explainrt serve: listening on {args.host}:{server.port} ({security_summary(config)}; batching {batching})"
           + (f", metrics on :{server.metrics_port}/metrics" if server.metrics_port else ""), flush=True)
+    warning = exposure_warning(config.host, config)
+    if warning:
+        print(f"explainrt serve: warning: {warning}", file=sys.stderr, flush=True)
     try:
         names = server.load_models()
     except Exception:
