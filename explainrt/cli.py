@@ -43,17 +43,62 @@ positive_float = _bounded(float, 0, above=True, bounds="must be a positive numbe
 port_number = _bounded(int, 0, 65535, bounds="a port is 0..65535 (0 picks a free one)")
 
 
+MAX_PARAM_CHARS = 10_000  # a parameter value: far above any real one (base_params included)
+MAX_PARAM_DEPTH = 32  # nesting of a JSON value (base_params is one level)
+
+
+def _json_depth(text: str) -> int:
+    """How deeply ``[``/``{`` nest in ``text`` outside JSON strings (a cheap scan before decoding)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def parse_param_value(key: str, value: str):
+    """One `-p` value: a JSON literal when it parses as one, else the string; InvalidInputError when it is
+    too long, nested too deeply or holds a number too long to convert (never a ValueError/RecursionError)."""
+    if len(value) > MAX_PARAM_CHARS:
+        raise InvalidInputError(f"parameter {key}: the value is {len(value)} characters long, over the limit of "
+                                f"{MAX_PARAM_CHARS}; no parameter needs that much")
+    if ("[" in value or "{" in value) and _json_depth(value) > MAX_PARAM_DEPTH:
+        raise InvalidInputError(f"parameter {key}: the value nests lists/objects more than {MAX_PARAM_DEPTH} deep; "
+                                "parameters are numbers, strings, booleans or one flat mapping (base_params)")
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+    except (ValueError, RecursionError) as exc:  # a number of thousands of digits: Python refuses to convert it
+        raise InvalidInputError(f"parameter {key}: {value[:20]}... is not a usable value ({exc.__class__.__name__}: "
+                                f"{str(exc).split(';')[0]}); give a number of ordinary size") from None
+
+
 def parse_params(items) -> dict:
-    """`-p key=value` pairs; values are JSON literals when they parse (numbers, true/false), else strings."""
+    """`-p key=value` pairs; values are JSON literals when they parse (numbers, true/false), else strings.
+
+    Raises InvalidInputError for an item without ``=``, and for values too long, too deeply nested or
+    with numbers too long to convert.
+    """
     params = {}
     for item in items or []:
         if "=" not in item:
             raise InvalidInputError(f"parameter {item!r} must look like name=value (e.g. -p n_masks=2000)")
         key, value = item.split("=", 1)
-        try:
-            params[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            params[key.strip()] = value
+        params[key.strip()] = parse_param_value(key.strip(), value)
     return params
 
 

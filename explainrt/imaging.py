@@ -62,7 +62,7 @@ def decode_image(data: bytes, name: str = "image") -> np.ndarray:
             f"{name}: could not decode the image ({len(data)} bytes); it is corrupt or not in a "
             "format OpenCV reads (PNG, JPEG, BMP, TIFF, WebP)"
         )
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB, dst=img)  # in place: one H×W×3 copy, not two
 
 
 def peek_image_size(data: bytes) -> Optional[tuple[int, int]]:
@@ -190,25 +190,76 @@ def denormalise(x: np.ndarray, meta: ModelMetadata) -> np.ndarray:
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
+_ROWS_PER_CHUNK_PIXELS = 1 << 20  # elementwise float work in slices of ~1 M pixels (4 MiB of float32)
+
+
+def saliency_to_uint8(saliency: np.ndarray) -> np.ndarray:
+    """A [0,1] float map as uint8 0..255 (NaN → 0, rounded half to even, clipped), ``saliency`` untouched.
+
+    Converted in slices of rows, so a large map needs one uint8 copy plus ~4 MiB of float work,
+    not several full-size float copies.
+    """
+    u8 = np.empty(saliency.shape, np.uint8)
+    rows = max(1, _ROWS_PER_CHUNK_PIXELS // max(1, saliency.shape[-1] if saliency.ndim > 1 else 1))
+    for r in range(0, saliency.shape[0], rows):
+        part = np.nan_to_num(saliency[r:r + rows].astype(np.float32))  # a copy: the caller's map stays as it is
+        part *= 255.0
+        np.rint(part, out=part)
+        np.clip(part, 0, 255, out=part)
+        u8[r:r + rows] = part
+    return u8
+
+
 def colormap(saliency: np.ndarray) -> np.ndarray:
     """Map a [0,1] float map to a uint8 RGB JET heatmap."""
-    u8 = np.clip(np.rint(np.nan_to_num(saliency) * 255.0), 0, 255).astype(np.uint8)
-    return cv2.cvtColor(cv2.applyColorMap(u8, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    heat = cv2.applyColorMap(saliency_to_uint8(saliency), cv2.COLORMAP_JET)
+    return cv2.cvtColor(heat, cv2.COLOR_BGR2RGB, dst=heat)
 
 
 def resize_map(saliency: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
-    """Bilinearly resize a float map to (H, W)."""
+    """Bilinearly resize a float map to (H, W) as float32 (the input itself when already float32 at that size)."""
     h, w = size_hw
     if saliency.shape == (h, w):
         return saliency.astype(np.float32, copy=False)
-    return cv2.resize(saliency.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+    return cv2.resize(saliency.astype(np.float32, copy=False), (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def _blend(image_rgb: np.ndarray, saliency: np.ndarray, alpha: float, bgr: bool) -> np.ndarray:
+    """The JET heatmap of ``saliency`` blended over ``image_rgb`` at its size, RGB or BGR, in uint8 math.
+
+    Peak extra memory: the resized float32 map (4 B/pixel) until it is uint8, then two uint8 H×W×3
+    images (the heatmap, blended in place, and the image in the heatmap's channel order when that
+    differs). ``cv2.addWeighted`` rounds like the float formula it replaces, within 1 level.
+    """
+    heat = cv2.applyColorMap(saliency_to_uint8(resize_map(saliency, image_rgb.shape[:2])), cv2.COLORMAP_JET)
+    if bgr:
+        image = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)
+    else:
+        image = image_rgb
+        cv2.cvtColor(heat, cv2.COLOR_BGR2RGB, dst=heat)
+    return cv2.addWeighted(image, 1.0 - alpha, heat, alpha, 0.0, dst=heat)
 
 
 def overlay(image_rgb: np.ndarray, saliency: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Blend a JET heatmap of ``saliency`` over ``image_rgb`` at the image's own size."""
-    heat = colormap(resize_map(saliency, image_rgb.shape[:2]))
-    out = (1.0 - alpha) * image_rgb.astype(np.float32) + alpha * heat.astype(np.float32)
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    """Blend a JET heatmap of ``saliency`` over ``image_rgb`` at the image's own size (uint8 RGB)."""
+    return _blend(as_rgb_uint8(image_rgb, "overlay image"), saliency, alpha, bgr=False)
+
+
+def overlay_png(image_rgb: np.ndarray, saliency: np.ndarray, alpha: float = 0.5) -> bytes:
+    """``overlay`` encoded as PNG bytes, built in OpenCV's BGR order (no RGB copy to convert back)."""
+    return _encode(".png", _blend(as_rgb_uint8(image_rgb, "overlay image"), saliency, alpha, bgr=True))
+
+
+def png_size_bound(height: int, width: int, channels: int = 3) -> int:
+    """An upper bound on the PNG file of an 8-bit ``height``×``width``×``channels`` image.
+
+    PNG stores the raw rows with one filter byte each, deflated: deflate's worst case (stored blocks)
+    adds 5 bytes per 16 KiB block at most, and zlib's own bound (``deflateBound``) is
+    n + n/4096 + n/16384 + 13; libpng splits the stream into IDAT chunks of >= 8 KiB with 12 bytes of
+    framing each. ``n + n/256 + 4096`` is above all of these together, whatever the pixels are.
+    """
+    raw = height * (width * channels + 1)
+    return raw + raw // 256 + 4096
 
 
 def write_png(path: Union[str, os.PathLike], rgb: np.ndarray) -> None:
@@ -217,9 +268,13 @@ def write_png(path: Union[str, os.PathLike], rgb: np.ndarray) -> None:
         raise InvalidInputError(f"could not write {path}")
 
 
+def _encode(ext: str, bgr: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(ext, bgr)
+    if not ok:
+        raise InvalidInputError(f"could not encode {ext[1:].upper()}")
+    return buf.tobytes()
+
+
 def encode_png(rgb: np.ndarray) -> bytes:
     """Encode an RGB uint8 image as PNG bytes."""
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise InvalidInputError("could not encode PNG")
-    return buf.tobytes()
+    return _encode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))

@@ -24,12 +24,24 @@ def dtype_code(name: str) -> int:
 
 def array_to_tensor(array: np.ndarray, dtype: int | None = None) -> pb.Tensor:
     """Encode ``array`` (converted to ``dtype``, a ``pb.DataType``, when given) as a Tensor message."""
+    return fill_tensor(pb.Tensor(), array, dtype)
+
+
+def fill_tensor(message: pb.Tensor, array: np.ndarray, dtype: int | None = None) -> pb.Tensor:
+    """Write ``array`` (converted to ``dtype`` when given) into an existing Tensor ``message`` and return it.
+
+    Unlike ``array_to_tensor`` followed by ``CopyFrom``/``add(saliency=...)``, the data is copied
+    once (``tobytes``) and once into the message, not a third time.
+    """
     if dtype is None:
         dtype = dtype_code(array.dtype.name)
     if dtype not in DTYPES:
         raise InvalidInputError(f"cannot encode dtype {dtype!r}; use uint8, float16 or float32")
     data = np.ascontiguousarray(array, dtype=DTYPES[dtype])
-    return pb.Tensor(data=data.tobytes(), dtype=dtype, shape=list(data.shape))
+    message.data = data.tobytes()
+    message.dtype = dtype
+    message.shape[:] = [int(d) for d in data.shape]
+    return message
 
 
 def dtype_name(value: int) -> str:
