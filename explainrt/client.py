@@ -367,7 +367,8 @@ def _channel_credentials(grpc, tls: bool, ca, cert, key, server_name):
                             "as well: a client certificate goes with its private key")
     if not (tls or ca or cert):
         if server_name:
-            raise SecurityError(f"tls_server_name {server_name!r} needs TLS: give tls_ca (--tls-ca) or tls=True (--tls)")
+            raise SecurityError(f"tls_server_name {server_name!r} needs TLS: give tls_ca (--tls-ca) or tls=True "
+                                "(--tls)")
         return None
     roots = read_pem(ca, "CA certificate", "--tls-ca") if ca else None
     chain = private_key = None

@@ -82,7 +82,7 @@ class TokenAuthInterceptor(aio.ServerInterceptor):
         self._exempt = tuple(exempt_prefixes)
 
     def check(self, metadata) -> Optional[str]:
-        """None when ``metadata`` (key, value pairs) carries the token; else why not: 'missing', 'malformed', 'wrong'."""
+        """None when ``metadata`` (key, value pairs) has the token, else why not: missing, malformed or wrong."""
         values = [value for key, value in (metadata or ()) if key.lower() == "authorization"]
         if not values:
             return "missing"

@@ -6,6 +6,7 @@ import datetime
 import ipaddress
 import os
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -94,9 +95,24 @@ def make_pki(directory) -> Pki:
                *other_client, *named)
 
 
-def write_token(path, token: str = "s3cret-token-1234", mode: int = 0o600) -> str:
+TOKEN = "s3cret-token-1234"
+
+
+def write_token(path, token: str = TOKEN, mode: int = 0o600) -> str:
     """A token file (with the trailing newline an editor leaves) readable by its owner only."""
     with open(path, "w") as fh:
         fh.write(token + "\n")
     os.chmod(path, mode)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Pki:
+    """The module's certificates (import this fixture into a test module)."""
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def token_file(tmp_path_factory) -> str:
+    """A file holding ``TOKEN``, mode 0600."""
+    return write_token(tmp_path_factory.mktemp("token") / "token")

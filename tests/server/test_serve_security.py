@@ -27,9 +27,8 @@ from explainrt.proto.explainrt.v1 import explainrt_pb2_grpc as pb_grpc
 from explainrt.server.config import ServerConfig
 from explainrt.server.security import (TokenAuthInterceptor, exposed_without_protection, exposure_warning,
                                        interceptors, security_summary, server_credentials)
-from security_helpers import make_pki, write_token
+from security_helpers import TOKEN, pki, token_file, write_token  # noqa: F401 - fixtures
 
-TOKEN = "s3cret-token-1234"
 KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
 
 
@@ -118,16 +117,6 @@ class AioTestServer:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
-def token_file(tmp_path_factory):
-    return write_token(tmp_path_factory.mktemp("token") / "token", TOKEN)
 
 
 @contextlib.contextmanager
@@ -421,7 +410,8 @@ def test_token_file_rules(tmp_path, caplog):
     assert read_token_file(write_token(path, "abc")) == "abc"  # the newline stripped
     assert interceptors(ServerConfig(models="")) == []
     [interceptor] = interceptors(ServerConfig(models="", auth_token_file=str(path)))
-    assert isinstance(interceptor, TokenAuthInterceptor) and interceptor.check([("authorization", "Bearer abc")]) is None
+    assert isinstance(interceptor, TokenAuthInterceptor)
+    assert interceptor.check([("authorization", "Bearer abc")]) is None
     for content, message in (("", "is empty"), ("  \n\t\n", "is empty"), ("two words", "printable ASCII"),
                              ("tökén", "not ASCII")):
         path.write_text(content, encoding="utf-8")

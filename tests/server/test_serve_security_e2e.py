@@ -11,20 +11,9 @@ from explainrt.client import ExplainClient, RemoteError
 from explainrt.credentials import SecurityError
 from explainrt.proto.explainrt.v1 import explainrt_pb2 as pb
 from explainrt.proto.explainrt.v1 import explainrt_pb2_grpc as pb_grpc
-from security_helpers import make_pki, write_token
+from security_helpers import TOKEN, pki, token_file, write_token  # noqa: F401 - fixtures
 from serve_helpers import INPUT_HW, start_server
 
-TOKEN = "e2e-token-5678"
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
-def token_file(tmp_path_factory):
-    return write_token(tmp_path_factory.mktemp("token") / "token", TOKEN)
 
 
 @pytest.fixture(scope="module")
