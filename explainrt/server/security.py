@@ -166,7 +166,7 @@ def exposed_without_protection(host: str, config) -> bool:
 
 
 def exposure_warning(host: str, config) -> Optional[str]:
-    """The warning to print when ``exposed_without_protection(host, config)``, else None."""
+    """What to warn about when ``exposed_without_protection(host, config)`` (no 'warning:' prefix), else None."""
     if not exposed_without_protection(host, config):
         return None
     problems = []
@@ -175,5 +175,5 @@ def exposure_warning(host: str, config) -> Optional[str]:
     if not (config.auth_token_file or config.tls_client_ca):
         problems.append("without authentication (anyone who reaches the port may call: --auth-token-file "
                         "or --tls-client-ca)")
-    return f"warning: serving on {host}, reachable from other machines, " + " and ".join(problems) + \
+    return f"serving on {host}, reachable from other machines, " + " and ".join(problems) + \
         "; bind 127.0.0.1 (the default) to keep it on this machine"

@@ -1,6 +1,11 @@
 """The real server with TLS, mutual TLS and a token: ExplainClient and `explainrt client` end to end."""
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+
 import grpc
 import numpy as np
 import pytest
@@ -145,3 +150,31 @@ def test_server_refuses_bad_security_settings(single_model_dir, pki, tmp_path):
         with pytest.raises(SecurityError, match=message):
             start_server(single_model_dir, metrics_port=None, load=False, **overrides)
 
+
+
+def test_explainrt_serve_with_tls_and_a_token(single_model_dir, pki, token_file, image, monkeypatch):
+    monkeypatch.delenv("EXPLAINRT_TOKEN", raising=False)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "explainrt", "serve", "--models", single_model_dir, "--port", "0", "--workers", "1",
+         "--tls-cert", pki.server_cert, "--tls-key", pki.server_key, "--tls-client-ca", pki.ca,
+         "--auth-token-file", token_file], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        listening = proc.stdout.readline()
+        match = re.search(r"listening on 127\.0\.0\.1:(\d+) \(TLS \(mutual, client CA ca\.pem\), token auth", listening)
+        assert match, f"unexpected first line {listening!r}; stderr: {proc.stderr.read() if proc.poll() else ''}"
+        assert "serving tiny" in proc.stdout.readline()
+        url = f"127.0.0.1:{match.group(1)}"
+        tls = dict(tls_ca=pki.ca, tls_cert=pki.client_cert, tls_key=pki.client_key)
+        with ExplainClient(url, timeout=30, retries=0, token=TOKEN, **tls) as client:
+            assert client.explain(image, "fem").model == "tiny"
+        with ExplainClient(url, timeout=30, retries=0, **tls) as client:
+            with pytest.raises(RemoteError, match="UNAUTHENTICATED: missing token"):
+                client.explain(image, "fem")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    log = proc.stderr.read()
+    assert "event=unauthenticated method=/explainrt.v1.ExplainService/Explain reason=missing" in log
+    assert "reachable from other machines" not in log  # loopback: no exposure warning
