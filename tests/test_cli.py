@@ -62,6 +62,20 @@ def test_explain_bad_arguments_exit_nonzero_with_one_line(tiny_model, tmp_path, 
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("value,message", [
+    ("1" * 5000, "parameter n_masks: 11111111111111111111... is not a usable value"),  # was a ValueError traceback
+    ("[" * 1000 + "]" * 1000, "parameter n_masks: the value nests lists/objects more than 32 deep"),  # RecursionError
+    ("2" * 20_000, "parameter n_masks: the value is 20000 characters long"),
+])
+def test_parameter_values_the_json_decoder_cannot_take_exit_2_with_one_line(tiny_model, tmp_path, value, message):
+    img = write_image(tmp_path / "a.png", random_rgb(32, 32))
+    proc = run_cli("explain", "--model", tiny_model[1], img, "-o", str(tmp_path / "o"), "--method", "rise",
+                   "-p", f"n_masks={value}", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
 def test_explain_corrupt_image(tiny_model, tmp_path):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not a jpeg")
