@@ -1,14 +1,16 @@
 """The one batched driver: dedupe, chunking, masked batches into the engine, scores back.
 
 Every method's masked passes go through ``run_masked_passes``. It is written against the
-array namespace (``ctx.xp``/``ctx.ops``) so the GPU engines reuse it unchanged; the engine
-input buffer is allocated once and each chunk's masked images are written straight into it.
-On a GPU nothing in the loop waits on the device: index arrays are uploaded once, scores stay
-on the device, and two input buffers let the masking of chunk k+1 overlap the engine on k.
+array namespace (``ctx.xp``/``ctx.ops``) so the GPU engines reuse it unchanged. The chunk
+loop and its staging buffers are ``runtime.staging.run_in_chunks`` (shared with
+``Engine.infer_batches`` and the metrics): each chunk's masked images are written straight
+into the engine's input buffer. On a GPU nothing in the loop waits on the device: index
+arrays are uploaded once (before the first chunk is written, which the staging's stream
+handshake relies on), scores stay on the device, and two input buffers let the masking of
+chunk k+1 overlap the engine on k.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 from typing import Callable, Optional
@@ -17,6 +19,7 @@ import numpy as np
 
 from ..errors import ExplainRTError
 from ..kernels import to_host
+from ..runtime.staging import run_in_chunks
 from .base import Context, MaskPlan, ScoreTable
 
 log = logging.getLogger(__name__)
@@ -64,64 +67,37 @@ def run_masked_passes(ctx: Context, plan: MaskPlan, progress: Optional[ProgressF
         if want_logits:
             logits[reused] = ctx.base.logits
     total = int(run_rows.size)
-    bs = max(1, min(ctx.batch_size, engine.max_batch))
     c, (H, W) = ctx.x.shape[1], ctx.input_hw
-    staging = _input_staging(xp, (min(bs, max(total, 1)), c, H, W), engine.input_dtype)
-    # Index arrays go to the engine's device once, not once per chunk.
+    # Index arrays go to the engine's device once, not once per chunk (before the first write).
     rows_x, idx_x = xp.asarray(run_rows), xp.asarray(first[run_rows])
-    done = 0
     if progress:
         progress(0, total)
-    for chunk, start in enumerate(range(0, total, bs)):
+
+    def before_chunk(done: int) -> None:
         if cancel is not None and cancel.is_set():
             raise Cancelled(f"cancelled after {done} of {total} masked passes")
-        rows = rows_x[start:start + bs]
-        idx = idx_x[start:start + bs]
-        b = int(idx.shape[0])
-        with staging.fill(chunk) as buffer:
-            ops.masked_batch(
-                ctx.x, plan.masks[idx], out=buffer[:b], border=plan.border,
-                shift=None if plan.shift is None else plan.shift[idx],
-                scale=None if plan.scale is None else plan.scale[idx],
-                full_hw=plan.full_hw, offsets=None if plan.offsets is None else plan.offsets[idx],
-            )
-        out = engine.infer(staging.ready(chunk)[:b], names)
+
+    def write(buffer, start: int, b: int) -> None:
+        idx = idx_x[start:start + b]
+        ops.masked_batch(
+            ctx.x, plan.masks[idx], out=buffer, border=plan.border,
+            shift=None if plan.shift is None else plan.shift[idx],
+            scale=None if plan.scale is None else plan.scale[idx],
+            full_hw=plan.full_hw, offsets=None if plan.offsets is None else plan.offsets[idx],
+        )
+
+    def take(start: int, b: int, out: dict) -> None:
+        rows = rows_x[start:start + b]
         probs[rows] = out[meta.probs_output]
         if want_logits:
             logits[rows] = out[meta.logits_output]
-        staging.release(chunk)
-        done += b
         if progress:
-            progress(done, total)
+            progress(start + b, total)
+
+    run_in_chunks(engine, total, ctx.batch_size, (c, H, W), write, names, take, before_chunk)
     ctx.forward_passes += total
     log.debug("ran %d masked passes for %d masks (%d distinct)", total, n, first.size)
     return ScoreTable(probs, logits, inverse, counts, first)
-
-
-class _HostInput:
-    """The CPU engine input: one buffer, written then run, chunk after chunk."""
-
-    def __init__(self, shape, dtype):
-        self.buffer = np.empty(shape, dtype=dtype)
-
-    @contextlib.contextmanager
-    def fill(self, k: int):
-        yield self.buffer
-
-    def ready(self, k: int):
-        return self.buffer
-
-    def release(self, k: int) -> None:
-        pass
-
-
-def _input_staging(xp, shape, dtype):
-    """Engine input buffers: one on the host; two on a GPU, masking overlapping the engine."""
-    if xp is np:
-        return _HostInput(shape, dtype)
-    from ..kernels.cuda import DoubleBufferedInput
-
-    return DoubleBufferedInput(shape, dtype)
 
 
 def run_inputs(ctx: Context, inputs) -> dict:

@@ -11,7 +11,6 @@ interpolation matrices), so the GPU samples where the NumPy reference does.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
@@ -277,43 +276,3 @@ def ksigma_binarize(activations, k: float):
     _launch("ksigma_binarize_f32", c, (a, binary, mu, np.int32(c), np.int32(hw), np.float64(k)),
             grid=(min(c, _MAX_GRID),))
     return binary, mu
-
-
-class DoubleBufferedInput:
-    """Two engine input buffers; chunk k+1 is masked on a side stream while the engine runs chunk k.
-
-    Protocol per chunk k: ``with fill(k) as buf:`` write the chunk (the side stream is
-    current inside); ``ready(k)`` makes the caller's stream wait for it and returns the
-    buffer; after the engine has been enqueued on that chunk, ``release(k)`` lets chunk k+2
-    reuse the buffer. Only events order the streams: the host never waits.
-    """
-
-    def __init__(self, shape, dtype):
-        cp = self._cp = _cupy()
-        self.main = cp.cuda.get_current_stream()
-        self.side = cp.cuda.Stream(non_blocking=True)
-        self.buffers = [cp.empty(shape, dtype=dtype) for _ in range(2)]
-        self.filled = [cp.cuda.Event(disable_timing=True) for _ in range(2)]
-        self.released = [None, None]
-        # Inputs made on the main stream so far (the image, masks, index arrays) come first.
-        self.side.wait_event(self.main.record())
-
-    @contextlib.contextmanager
-    def fill(self, k: int):
-        slot = k % 2
-        if self.released[slot] is not None:
-            self.side.wait_event(self.released[slot])
-        with self.side:
-            yield self.buffers[slot]
-            self.filled[slot].record(self.side)
-
-    def ready(self, k: int):
-        slot = k % 2
-        self.main.wait_event(self.filled[slot])
-        return self.buffers[slot]
-
-    def release(self, k: int) -> None:
-        slot = k % 2
-        event = self.released[slot] or self._cp.cuda.Event(disable_timing=True)
-        event.record(self.main)
-        self.released[slot] = event

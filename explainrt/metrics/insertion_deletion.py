@@ -21,6 +21,7 @@ from .._repr import CompactRepr
 from ..errors import InvalidInputError
 from ..imaging import ImageLike
 from ..kernels import to_host
+from ..runtime.staging import run_in_chunks
 from .base import ModelLike, batch_size_of, check_map, engine_input, engine_of
 
 log = logging.getLogger(__name__)
@@ -192,23 +193,28 @@ def _run_jobs(engine, jobs: list, step: int, chw: tuple, bs: int, target: int,
     flat_jobs = np.array([(j, i) for j, job in enumerate(jobs) for i in range(job.n_points)], dtype=np.int64)
     total = flat_jobs.shape[0]
     scores = xp.empty(total, dtype=xp.float32)  # stays on the engine's device until the end
-    buffer = xp.empty((min(bs, total), c, h * w), dtype=xp.float32)
     probs_name = engine.metadata.probs_output
     if progress:
         progress(0, total)
-    for begin in range(0, total, bs):
-        chunk = flat_jobs[begin:begin + bs]
-        b = chunk.shape[0]
+
+    def write(buffer, begin: int, b: int) -> None:
+        chunk = flat_jobs[begin:begin + b]
+        flat = buffer.reshape(b, c, h * w)
         for j in np.unique(chunk[:, 0]):
             rows = np.flatnonzero(chunk[:, 0] == j)
             job = jobs[j]
             moved = xp.asarray(chunk[rows, 1] * step)  # pixels already moved at these steps
             take_finish = job.rank[None, :] < moved[:, None]  # (r, H·W)
             lo, hi = int(rows[0]), int(rows[-1]) + 1  # rows of one curve are contiguous
-            buffer[lo:hi] = xp.where(take_finish[:, None, :], job.finish[None], job.start[None])
-        scores[begin:begin + b] = engine.infer(buffer[:b].reshape(b, c, h, w), [probs_name])[probs_name][:, target]
+            flat[lo:hi] = xp.where(take_finish[:, None, :], job.finish[None], job.start[None])
+
+    def take(begin: int, b: int, out: dict) -> None:
+        scores[begin:begin + b] = out[probs_name][:, target]
         if progress:
             progress(begin + b, total)
+
+    # the driver's chunk loop and staging: step images written on a side stream while the engine runs
+    run_in_chunks(engine, total, bs, (c, h, w), write, [probs_name], take)
     log.debug("ran %d insertion/deletion passes for %d curves", total, len(jobs))
     scores = to_host(xp, scores).astype(np.float64)  # one copy for every curve
     return np.split(scores, np.cumsum([job.n_points for job in jobs])[:-1])  # flat_jobs is curve-major

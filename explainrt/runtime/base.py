@@ -3,6 +3,12 @@
 An engine runs the exported model on a batch: ``run({input_name: x}) -> {output: array}``
 with the batch size free up to ``max_batch``. CPU engines take and return NumPy arrays, GPU
 engines device arrays (CuPy); ``xp`` names the array module an engine speaks.
+
+GPU engines derive from ``DeviceEngine``, which holds the stream contract (``staging.py``):
+inputs are read after everything enqueued on the caller's current stream, outputs are valid
+on it, input pointers are 256-byte aligned. A caller that hands arrays to an engine call made
+on another thread (a batcher merging concurrent requests) passes them through
+``Engine.handoff`` on the producing thread and ``Engine.receive`` on the consuming one.
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import numpy as np
 
 from ..errors import InvalidInputError
 from ..export.metadata import ModelMetadata
+from . import staging
 
 
 @dataclasses.dataclass
@@ -84,10 +91,36 @@ class Engine(abc.ABC):
         return self.run({self.metadata.input_name: x}, output_names)
 
     def infer_batches(self, x, output_names: Sequence[str], batch_size: Optional[int] = None) -> dict:
-        """Run (N, C, H, W) inputs of any N in chunks of ``batch_size`` (≤ ``max_batch``); outputs concatenated."""
-        bs = max(1, min(int(batch_size or self.max_batch), self.max_batch))
-        parts = [self.infer(x[s:s + bs], output_names) for s in range(0, int(x.shape[0]), bs)]
+        """Run (N, C, H, W) inputs of any N in chunks of ``batch_size`` (≤ ``max_batch``); outputs concatenated.
+
+        Chunks go through the same staging as the explainer driver (``staging.run_in_chunks``):
+        copied into an aligned engine-dtype buffer, double-buffered on a GPU.
+        """
+        parts: list = []
+
+        def write(buffer, start, b):
+            buffer[...] = x[start:start + b]
+
+        staging.run_in_chunks(self, int(x.shape[0]), batch_size, tuple(x.shape[1:]), write, output_names,
+                              lambda start, b, out: parts.append(out))
         return {n: self.xp.concatenate([p[n] for p in parts], axis=0) for n in output_names}
+
+    def handoff(self, arrays: dict) -> staging.Handoff:
+        """Hand ``arrays`` made on this thread to another thread (for ``receive`` there).
+
+        Call it on the producing thread, after the arrays are enqueued; on a GPU it records an
+        event on this thread's current stream. On CPU engines the arrays pass as they are.
+        """
+        return staging.handoff(self.xp, arrays)
+
+    def receive(self, item: staging.Handoff) -> dict:
+        """On the consuming thread: the arrays of a ``handoff``, valid on this thread's stream.
+
+        On a GPU this thread's current stream waits for the producer's event and gets copies
+        allocated on it (the originals are kept until the copies are done), so neither thread's
+        memory pool recycles memory the other may still read. On CPU engines: the arrays as they are.
+        """
+        return staging.receive(self.xp, item)
 
     def base_pass(self, x) -> BasePass:
         """The one unmasked pass: probabilities, logits and activations of a (1,C,H,W) input."""
@@ -105,3 +138,46 @@ class Engine(abc.ABC):
 
     def __exit__(self, *exc):
         self.close()
+
+
+class DeviceEngine(Engine):
+    """Base of the GPU engines: the stream handshake, input staging and output hand-back.
+
+    A subclass calls ``_init_device(cupy, input dtype)`` and implements ``_enqueue(x, names,
+    stream)``: enqueue the model on ``stream`` (current, already ordered after the caller)
+    for the staged input ``x`` and return device arrays valid on ``stream``. This class copies
+    them (as float32) into arrays allocated on the caller's stream, orders the caller's stream
+    after the engine's, and keeps the input and the engine's arrays referenced until the
+    engine's work on them is done — also when ``_enqueue`` raises.
+    """
+
+    device = "cuda"
+
+    def _init_device(self, cp, input_dtype) -> None:
+        self._cp = self.xp = cp
+        self._handshake = staging.EngineStream(cp)
+        self._input_staging = staging.EngineInput(cp, self.max_batch, input_dtype)
+
+    @property
+    def stream(self):
+        """The engine's own CUDA stream (every engine call runs on it)."""
+        return self._handshake.stream
+
+    @abc.abstractmethod
+    def _enqueue(self, x, output_names: list, stream) -> dict:
+        """Enqueue one batch on ``stream``; return its outputs (device arrays valid on ``stream``)."""
+
+    def _run(self, inputs: dict, output_names: Sequence[str]) -> dict:
+        cp, names = self._cp, list(output_names)
+        given = inputs[self.metadata.input_name]
+        with self._handshake.call() as (caller, stream):
+            self._handshake.keep(given)
+            x = self._input_staging.stage(cp.asarray(given))
+            self._handshake.keep(x)
+            produced = self._enqueue(x, names, stream)
+            self._handshake.keep(*produced.values())
+            with caller:  # handed-back arrays live in the caller's stream's pool
+                outs = {n: cp.empty(tuple(produced[n].shape), dtype=cp.float32) for n in names}
+            for n in names:
+                outs[n][...] = produced[n]  # on the engine's stream: the next call may overwrite its buffers
+        return outs

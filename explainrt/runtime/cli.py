@@ -7,7 +7,7 @@ from ..errors import InvalidInputError
 
 
 def cmd_build(args) -> int:
-    from .tensorrt_engine import build_plan, default_plan_path
+    from .tensorrt_build import build_plan, default_plan_path
 
     if args.max_batch < 1:
         raise InvalidInputError(f"--max-batch must be at least 1, got {args.max_batch}")

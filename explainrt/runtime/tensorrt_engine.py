@@ -1,202 +1,39 @@
-"""TensorRT engine: native plans built from the exported ONNX file, run on CuPy buffers.
+"""TensorRT engine: loads and runs plans on CuPy buffers (building lives in ``tensorrt_build``).
 
-Build (``build_plan`` / ``explainrt build``): TensorRT >= 10 ``Builder`` + ``OnnxParser``, one
-optimisation profile over the batch axis (1 / opt / max), FP32 or FP16, a timing cache file,
-and the model's explainrt metadata saved beside the plan as ``<plan>.json``. FP16 uses
-``BuilderFlag.FP16`` where it exists (TensorRT 10); TensorRT 11 removed the weak-typing flags,
-so there the ONNX file is converted to FP16 first (inputs and outputs stay FP32) and built
-as is.
-
-Run: name-based I/O (``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``) on
-CuPy's current stream. Output buffers are allocated once at ``max_batch``; a tensor is
-re-bound only when its shape or address changes.
+Name-based I/O (``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``) on the
+engine's own stream, ordered with the caller's by events (``base.DeviceEngine``). Output
+buffers are allocated once at ``max_batch``; a tensor is re-bound only when its shape or
+address changes, and every ``set_*`` result is checked: TensorRT keeps the previous address
+when it rejects one (I/O pointers must be 256-byte aligned), which would run the plan on a
+stale input. ``DeviceEngine`` copies misaligned inputs into an aligned staging buffer.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import tempfile
-import time
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
 from ..errors import InvalidInputError, ModelError, require
-from ..export.metadata import ModelMetadata, read_metadata_props
-from .base import Engine, TensorInfo
+from ..export.metadata import ModelMetadata
+from .base import DeviceEngine, TensorInfo
+from .staging import IO_ALIGNMENT
+from .tensorrt_build import (build_plan, default_plan_path, import_tensorrt, plan_info_path, read_bytes,
+                             read_plan_info, trt_logger)
 
 log = logging.getLogger(__name__)
 
-PLAN_INFO_SUFFIX = ".json"
 
-
-def plan_info_path(plan_path: str) -> str:
-    """Where the metadata of a plan is kept: ``<plan>.json``."""
-    return plan_path + PLAN_INFO_SUFFIX
-
-
-def default_plan_path(onnx_path: str, max_batch: int, fp16: bool) -> str:
-    """``model.onnx`` → ``model.b64.fp32.plan`` (the batch limit and precision in the name)."""
-    stem = onnx_path[:-5] if onnx_path.endswith(".onnx") else onnx_path
-    return f"{stem}.b{max_batch}.{'fp16' if fp16 else 'fp32'}.plan"
-
-
-def _trt():
-    return require("tensorrt", "trt", "the TensorRT engine")
-
-
-_logger_instance = None
-
-
-def _logger(trt):
-    """One TensorRT logger for the process (builders and runtimes share it)."""
-    global _logger_instance
-    if _logger_instance is None:
-        _logger_instance = trt.Logger(trt.Logger.WARNING)
-    return _logger_instance
-
-
-def has_fp16_flag(trt) -> bool:
-    """TensorRT 10 builds FP16 with a builder flag; TensorRT 11 (strong typing) has none."""
-    return hasattr(trt.BuilderFlag, "FP16")
-
-
-def onnx_to_fp16(src: str, dst: str) -> None:
-    """Write an FP16 copy of the ONNX model ``src`` to ``dst``, inputs and outputs kept FP32.
-
-    Uses onnxconverter-common's float16 conversion, or the copy that ships inside
-    onnxruntime (``onnxruntime.transformers.float16``).
-    """
-    import onnx
-
-    try:
-        from onnxconverter_common.float16 import convert_float_to_float16
-    except ImportError:
-        try:
-            from onnxruntime.transformers.float16 import convert_float_to_float16
-        except ImportError as exc:
-            raise ModelError("FP16 with TensorRT >= 11 needs an FP16 ONNX model; install onnxconverter-common "
-                             f"(or onnxruntime >= 1.17, which ships the converter) ({exc})") from exc
-    model = onnx.load(src)
-    converted = convert_float_to_float16(model, keep_io_types=True)
-    onnx.save(converted, dst)
-
-
-def build_plan(onnx_path: str, plan_path: Optional[str] = None, max_batch: int = 64, fp16: bool = False,
-               opt_batch: Optional[int] = None, workspace_gb: Optional[float] = None,
-               timing_cache: Optional[str] = None) -> dict:
-    """Build a TensorRT plan from an exported ONNX model; returns the info saved as ``<plan>.json``.
-
-    ``opt_batch`` (default ``max_batch``) is the batch TensorRT tunes for; ``timing_cache`` a
-    file reused and updated across builds (default: ``trt_timing.cache`` beside the plan).
-    """
-    trt = _trt()
-    import onnx
-
-    if max_batch < 1:
-        raise InvalidInputError(f"max_batch must be at least 1, got {max_batch}")
-    opt_batch = int(opt_batch or max_batch)
-    if not 1 <= opt_batch <= max_batch:
-        raise InvalidInputError(f"opt_batch must be within 1..max_batch={max_batch}, got {opt_batch}")
-    if not os.path.isfile(onnx_path):
-        raise ModelError(f"model file not found: {onnx_path}")
-    model = onnx.load(onnx_path, load_external_data=False)
-    meta = read_metadata_props({p.key: p.value for p in model.metadata_props}, onnx_path)
-    plan_path = plan_path or default_plan_path(onnx_path, max_batch, fp16)
-    plan_dir = os.path.dirname(os.path.abspath(plan_path))
-    os.makedirs(plan_dir, exist_ok=True)
-    timing_cache = timing_cache or os.path.join(plan_dir, "trt_timing.cache")
-
-    logger = _logger(trt)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    config = builder.create_builder_config()
-    source = onnx_path
-    with tempfile.TemporaryDirectory() as tmp:
-        if fp16 and has_fp16_flag(trt):
-            config.set_flag(trt.BuilderFlag.FP16)
-        elif fp16:
-            source = os.path.join(tmp, "model.fp16.onnx")
-            onnx_to_fp16(onnx_path, source)
-        if not parser.parse_from_file(source):
-            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise ModelError(f"TensorRT could not parse {onnx_path}: {errors}")
-    outputs = {network.get_output(i).name for i in range(network.num_outputs)}
-    for role, name in (("probabilities", meta.probs_output), ("activation", meta.activation_output)):
-        if name not in outputs:
-            raise ModelError(f"{onnx_path}: the {role} output '{name}' is not an output of the parsed network "
-                             f"(outputs: {sorted(outputs)})")
-    if workspace_gb:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    profile = builder.create_optimization_profile()
-    c, (h, w) = meta.channels, meta.input_size
-    profile.set_shape(meta.input_name, (1, c, h, w), (opt_batch, c, h, w), (max_batch, c, h, w))
-    config.add_optimization_profile(profile)
-    cache_bytes = b""
-    if os.path.isfile(timing_cache):
-        with open(timing_cache, "rb") as fh:
-            cache_bytes = fh.read()
-    cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, False)
-
-    t0 = time.perf_counter()
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise ModelError(f"TensorRT failed to build {onnx_path} (see the TensorRT log above)")
-    seconds = time.perf_counter() - t0
-    with open(plan_path, "wb") as fh:
-        fh.write(memoryview(serialized))
-    with open(timing_cache, "wb") as fh:
-        fh.write(memoryview(config.get_timing_cache().serialize()))
-
-    # The activation output must survive the build as an engine I/O tensor.
-    runtime = trt.Runtime(logger)  # must outlive the engine it deserialises
-    engine = runtime.deserialize_cuda_engine(_read_bytes(plan_path))
-    if engine is None:
-        raise ModelError(f"TensorRT could not load the plan it just built ({plan_path})")
-    names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
-    if meta.activation_output not in names:
-        os.remove(plan_path)
-        raise ModelError(f"the activation output '{meta.activation_output}' did not survive the TensorRT build "
-                         f"(engine tensors: {sorted(names)})")
-    info = {
-        "metadata": json.loads(meta.to_json()),
-        "build": {"source": os.path.abspath(onnx_path), "max_batch": int(max_batch), "opt_batch": opt_batch,
-                  "fp16": bool(fp16), "fp16_via": ("builder_flag" if has_fp16_flag(trt) else "onnx") if fp16 else None,
-                  "tensorrt": trt.__version__, "build_seconds": round(seconds, 2), "timing_cache": timing_cache},
-    }
-    with open(plan_info_path(plan_path), "w", encoding="utf-8") as fh:
-        json.dump(info, fh, indent=1)
-    log.info("built %s from %s in %.1f s (%s, max_batch=%d)", plan_path, onnx_path, seconds,
-             "fp16" if fp16 else "fp32", max_batch)
-    return info
-
-
-def _read_bytes(path: str) -> bytes:
-    with open(path, "rb") as fh:
-        return fh.read()
-
-
-def read_plan_info(plan_path: str) -> dict:
-    """The ``<plan>.json`` written by ``build_plan``."""
-    path = plan_info_path(plan_path)
-    if not os.path.isfile(path):
-        raise ModelError(f"{plan_path} has no metadata file {path}; build plans with `explainrt build`")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelError(f"cannot read the plan metadata {path}: {exc}; rebuild the plan") from exc
-
-
-class TensorRTEngine(Engine):
+class TensorRTEngine(DeviceEngine):
     """Runs a TensorRT plan on CuPy arrays (CUDA only).
 
     ``path`` is a ``.plan`` (with its ``.json`` beside it) or an exported ``.onnx``, which is
     built once into ``default_plan_path(...)`` and reused while the plan is newer than it.
-    ``threads`` is accepted for interface parity with the CPU engines and has no effect.
+    ``fp16``/``tf32``/``opt_batch``/``workspace_gb``/``timing_cache`` apply when it builds;
+    a loaded plan's ``fp16`` and ``tf32`` come from its ``.json``. ``threads`` is accepted for
+    interface parity with the CPU engines and has no effect.
     """
 
     backend = "tensorrt"
@@ -205,12 +42,11 @@ class TensorRTEngine(Engine):
     def __init__(self, path: str, max_batch: int = 64, device: str = "cuda", fp16: bool = False,
                  plan_path: Optional[str] = None, opt_batch: Optional[int] = None,
                  workspace_gb: Optional[float] = None, timing_cache: Optional[str] = None,
-                 threads: Optional[int] = None):
+                 tf32: bool = False, threads: Optional[int] = None):
         if device != "cuda":
             raise InvalidInputError("the TensorRT engine runs on device='cuda' only")
-        trt = _trt()
-        self._cp = cp = require("cupy", "gpu", "the TensorRT engine (CuPy buffers)")
-        self.xp = cp
+        trt = import_tensorrt()
+        cp = require("cupy", "gpu", "the TensorRT engine (CuPy buffers)")
         self._trt = trt
         if not os.path.isfile(path):
             raise ModelError(f"model file not found: {path}")
@@ -219,7 +55,7 @@ class TensorRTEngine(Engine):
             if not (os.path.isfile(plan) and os.path.isfile(plan_info_path(plan))
                     and os.path.getmtime(plan) >= os.path.getmtime(path)):
                 build_plan(path, plan, max_batch=max_batch, fp16=fp16, opt_batch=opt_batch,
-                           workspace_gb=workspace_gb, timing_cache=timing_cache)
+                           workspace_gb=workspace_gb, timing_cache=timing_cache, tf32=tf32)
             path = plan
         info = read_plan_info(path)
         meta = ModelMetadata.from_json(json.dumps(info["metadata"]))
@@ -230,8 +66,13 @@ class TensorRTEngine(Engine):
         super().__init__(meta, max_batch)
         self.path = path
         self.fp16 = bool(info["build"].get("fp16"))
-        self._runtime = trt.Runtime(_logger(trt))
-        self.engine = self._runtime.deserialize_cuda_engine(_read_bytes(path))
+        # plans built before the TF32 policy was recorded ran TensorRT's default: TF32 on
+        self.tf32 = bool(info["build"].get("tf32", True))
+        if "tf32" not in info["build"]:
+            log.warning("%s records no TF32 policy (built by an older explainrt): TensorRT's default, TF32 on, "
+                        "applies; rebuild it for FP32 parity", path)
+        self._runtime = trt.Runtime(trt_logger(trt))
+        self.engine = self._runtime.deserialize_cuda_engine(read_bytes(path))
         if self.engine is None:
             raise ModelError(f"TensorRT could not load {path} (built with TensorRT {info['build'].get('tensorrt')}, "
                              f"this is {trt.__version__}); rebuild it with `explainrt build`")
@@ -245,6 +86,7 @@ class TensorRTEngine(Engine):
             if name not in self._output_names:
                 raise ModelError(f"{path}: the {role} output '{name}' is not in the plan ({self._output_names})")
         self._dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
+        self._init_device(cp, self._dtypes[meta.input_name])
         # Output buffers at max_batch, allocated and bound once.
         self._buffers = {}
         for name in self._output_names:
@@ -252,14 +94,11 @@ class TensorRTEngine(Engine):
             if any(d < 0 for d in shape[1:]):
                 raise ModelError(f"{path}: output '{name}' has shape {shape}; only the batch axis may be dynamic")
             self._buffers[name] = cp.empty((self.max_batch, *shape[1:]), dtype=self._dtypes[name])
-            self.context.set_tensor_address(name, self._buffers[name].data.ptr)
+            self._bind_address(name, self._buffers[name].data.ptr)
         self._bound_shape: Optional[tuple] = None
         self._bound_input_ptr: Optional[int] = None
-        self._input_ref = None  # the bound input stays referenced until the next call
-        # enqueueV3 on the legacy default stream makes TensorRT synchronise; callers on it get
-        # this stream instead, ordered with theirs by events.
-        self._own_stream = cp.cuda.Stream(non_blocking=True)
-        log.info("loaded TensorRT plan %s (%s, max_batch=%d)", path, "fp16" if self.fp16 else "fp32", self.max_batch)
+        log.info("loaded TensorRT plan %s (%s%s, max_batch=%d)", path, "fp16" if self.fp16 else "fp32",
+                 ", tf32" if self.tf32 else "", self.max_batch)
 
     @property
     def inputs(self) -> list[TensorInfo]:
@@ -273,10 +112,13 @@ class TensorRTEngine(Engine):
         shape = tuple(None if d < 0 else int(d) for d in self.engine.get_tensor_shape(name))
         return TensorInfo(name, shape, str(self._dtypes[name]))
 
-    def _run(self, inputs: dict, output_names: Sequence[str]) -> dict:
-        cp = self._cp
+    def _bind_address(self, name: str, ptr: int) -> None:
+        if not self.context.set_tensor_address(name, ptr):
+            raise ModelError(f"TensorRT rejected the address 0x{ptr:x} of '{name}' (I/O pointers must be "
+                             f"{IO_ALIGNMENT}-byte aligned; this one is {ptr % IO_ALIGNMENT} bytes past a boundary)")
+
+    def _enqueue(self, x, output_names: list, stream) -> dict:
         name = self.metadata.input_name
-        x = cp.ascontiguousarray(cp.asarray(inputs[name], dtype=self._dtypes[name]))
         shape = tuple(int(d) for d in x.shape)
         if shape != self._bound_shape:
             if not self.context.set_input_shape(name, shape):
@@ -284,23 +126,17 @@ class TensorRTEngine(Engine):
                                         f"(1..{self.max_batch}, {', '.join(map(str, shape[1:]))}))")
             self._bound_shape = shape
         if x.data.ptr != self._bound_input_ptr:
-            self.context.set_tensor_address(name, x.data.ptr)
+            self._bound_input_ptr = None
+            self._bind_address(name, x.data.ptr)
             self._bound_input_ptr = x.data.ptr
-        self._input_ref = x
-        caller = cp.cuda.get_current_stream()
-        stream = self._own_stream if caller.ptr == 0 else caller
-        if stream is not caller:
-            stream.wait_event(caller.record())
         if not self.context.execute_async_v3(stream.ptr):
             raise ModelError("TensorRT failed to execute the plan (see the TensorRT log)")
-        if stream is not caller:
-            caller.wait_event(stream.record())
         batch = shape[0]
-        # The buffers are overwritten by the next call: hand out copies (stream-ordered, no sync).
-        return {n: self._buffers[n][:batch].astype(cp.float32, copy=True) for n in output_names}
+        # DeviceEngine copies these out on the engine's stream before the next call can overwrite them
+        return {n: self._buffers[n][:batch] for n in output_names}
 
     def close(self) -> None:
-        self._input_ref = None
+        self.stream.synchronize()  # the plan may still read its buffers
         self._buffers.clear()
         self.context = None
         self.engine = None

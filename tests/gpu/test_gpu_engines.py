@@ -86,7 +86,8 @@ def test_ort_cuda_iobinding(cp, tiny_model_path):
 @pytest.mark.parametrize("fp16,tol", [(False, 1e-3), (True, 3e-2)])
 def test_tensorrt_matches_ort_cpu(cp, tmp_path, lite0_path, fp16, tol):
     pytest.importorskip("tensorrt")
-    from explainrt.runtime.tensorrt_engine import TensorRTEngine, build_plan, read_plan_info
+    from explainrt.runtime.tensorrt_build import build_plan, read_plan_info
+    from explainrt.runtime.tensorrt_engine import TensorRTEngine
 
     plan = str(tmp_path / f"lite0.{'fp16' if fp16 else 'fp32'}.plan")
     info = build_plan(lite0_path, plan, max_batch=8, fp16=fp16, opt_batch=4)
@@ -103,7 +104,7 @@ def test_tensorrt_from_onnx_and_cli(cp, tmp_path, tiny_model_path):
     import shutil
 
     from explainrt import cli
-    from explainrt.runtime.tensorrt_engine import default_plan_path
+    from explainrt.runtime.tensorrt_build import default_plan_path
 
     model = str(tmp_path / "tiny.onnx")
     shutil.copy(tiny_model_path, model)

@@ -142,7 +142,9 @@ def test_double_buffered_input_orders_the_streams(cp, ops):
     rng = np.random.default_rng()
     x = cp.asarray(rng.standard_normal((3, 64, 64)).astype(np.float32))
     masks = cp.asarray(rng.random((40, 7, 7)).astype(np.float32))
-    staging = ops.DoubleBufferedInput((8, 3, 64, 64), "float32")
+    from explainrt.runtime.staging import DoubleBufferedInput
+
+    staging = DoubleBufferedInput((8, 3, 64, 64), "float32")
     sums = []
     for k in range(5):
         with staging.fill(k) as buf:

@@ -2,7 +2,13 @@
 
 Arrays are NumPy arrays (with a CuPy-like ``.data.ptr``); streams and events record what was
 asked of them; ``RawModule`` kernels are Python models of the CUDA kernels, bound to the
-parameter lists parsed from the .cu sources and checking every argument's C type. Shared by
+parameter lists parsed from the .cu sources and checking every argument's C type.
+
+Stream order is modelled too: uploads (``asarray``), allocations and kernel launches are
+operations numbered per stream (``log.ops``), an event remembers how many operations its
+stream had when it was recorded, and ``happens_before(a, b)`` says whether operation ``a`` is
+ordered before ``b`` through the same stream or a chain of event waits — the question a real
+GPU answers with a race. Shared by
 tests/kernels/test_cuda_host_side.py and tests/runtime/test_tensorrt_engine_host_side.py.
 """
 import contextlib
@@ -22,9 +28,31 @@ class DeviceArray(np.ndarray):
         return types.SimpleNamespace(ptr=int(self.ctypes.data))
 
 
-def _device(fn):
+POOL_ALIGNMENT = 512  # CuPy's memory pool hands out 512-byte-aligned blocks
+
+
+def _pool_copy(values) -> "DeviceArray":
+    """A C-contiguous copy of ``values`` in 512-byte-aligned memory, like a CuPy pool allocation."""
+    values = np.asarray(values)
+    raw = np.empty(values.nbytes + POOL_ALIGNMENT, dtype=np.uint8)
+    offset = (-raw.ctypes.data) % POOL_ALIGNMENT
+    out = raw[offset:offset + values.nbytes].view(values.dtype).reshape(values.shape)
+    out[...] = values
+    return out.view(DeviceArray)
+
+
+def _device(fn, log=None, what=None):
     def wrapped(*args, **kwargs):
-        return np.asarray(fn(*args, **kwargs)).view(DeviceArray)
+        given = args[0] if args else None
+        if what in ("asarray", "ascontiguousarray") and isinstance(given, DeviceArray):
+            dtype = kwargs.get("dtype", args[1] if len(args) > 1 else None)
+            same = dtype is None or np.dtype(dtype) == given.dtype
+            if same and (what == "asarray" or given.flags.c_contiguous):
+                return given  # CuPy: no copy, no operation
+        out = _pool_copy(fn(*args, **kwargs))
+        if log is not None:
+            log.op(what)
+        return out
     return wrapped
 
 
@@ -153,10 +181,12 @@ MODELS = {
 
 
 class FakeStream:
-    def __init__(self, null=False, non_blocking=False, log=None):
-        self.ptr = 0 if null else id(self)
+    def __init__(self, null=False, non_blocking=False, log=None, ptr=None):
+        self.ptr = ptr if ptr is not None else 0 if null else id(self)
         self.non_blocking = non_blocking
         self.log = log
+        self.count = 0  # operations enqueued so far
+        log.streams[self.ptr] = self
 
     def __enter__(self):
         self.log.current.append(self)
@@ -173,6 +203,7 @@ class FakeStream:
     def wait_event(self, event):
         assert event.stream is not None, "waiting on an event that was never recorded"
         self.log.events.append(("wait", self, event.stream))
+        self.log.waits.append((self, self.count, event.stream, event.count))
 
     def synchronize(self):
         self.log.events.append(("sync", self, None))
@@ -181,13 +212,37 @@ class FakeStream:
 class FakeEvent:
     def __init__(self, block=False, disable_timing=False, interprocess=False):
         self.stream = None
+        self.count = 0
+        self.done = True  # the host never has to wait in these tests
 
     def record(self, stream=None):
+        assert stream is not None, "record on an explicit stream (CuPy's default would be the current one)"
         self.stream = stream
+        self.count = stream.count
+
+
+def happens_before(log, first, then, depth=6) -> bool:
+    """Whether op ``first`` = (stream, index) is ordered before the point ``then`` = (stream, index)
+    (the index-th operation of that stream, or the point after index operations)."""
+    (s1, i1), (s2, i2) = first, then
+    if s1 is s2:
+        return i1 < i2
+    # a wait enqueued on s2 before that point, on an event recorded after `first`
+    return depth > 0 and any(waiter is s2 and at <= i2 and happens_before(log, first, (on, count), depth - 1)
+                             for waiter, at, on, count in log.waits if on is not s2)
 
 
 def make_fake_cupy():
-    log = types.SimpleNamespace(launches=[], events=[], current=[])
+    log = types.SimpleNamespace(launches=[], events=[], current=[], ops=[], waits=[], streams={})
+
+    def op(what, stream=None):
+        """Enqueue one operation on ``stream`` (default: the current one); returns (stream, index)."""
+        stream = stream or log.current[-1]
+        log.ops.append((what, stream, stream.count))
+        stream.count += 1
+        return stream, stream.count - 1
+
+    log.op = op
     log.current.append(FakeStream(null=True, log=log))
 
     class RawModule:
@@ -201,6 +256,7 @@ def make_fake_cupy():
             def launch(grid, block, args, shared_mem=0):
                 assert len(grid) >= 1 and grid[0] >= 1 and block[0] >= 1
                 log.launches.append((name, log.current[-1]))
+                log.op(name)
                 MODELS[name](bind(name, params, args), block[0])
             return launch
 
@@ -208,13 +264,14 @@ def make_fake_cupy():
     fake.__getattr__ = lambda attr: getattr(np, attr)  # everything else: NumPy
     fake.asnumpy = lambda a: np.asarray(a).view(np.ndarray)
     fake.ndarray = DeviceArray
-    for name in ("asarray", "ascontiguousarray", "empty", "zeros", "full", "ones"):
-        setattr(fake, name, _device(getattr(np, name)))
+    for name in ("asarray", "ascontiguousarray", "empty", "zeros", "full", "ones", "array"):
+        setattr(fake, name, _device(getattr(np, name), log, name))
     fake.RawModule = RawModule
     fake.cuda = types.SimpleNamespace(
         Device=lambda *a: types.SimpleNamespace(id=0),
         get_current_stream=lambda: log.current[-1],
-        Stream=lambda null=False, non_blocking=False: FakeStream(null, non_blocking, log),
+        Stream=lambda null=False, non_blocking=False, ptds=False: FakeStream(
+            null, non_blocking, log, ptr=2 if ptds else None),
         Event=FakeEvent,
     )
     fake.log = log

@@ -18,7 +18,7 @@ import pytest
 from explainrt.kernels import reference
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fake_cupy import MODELS, bind, installed_fake_cupy, parse_kernels  # noqa: E402
+from fake_cupy import MODELS, bind, happens_before, installed_fake_cupy, parse_kernels  # noqa: E402
 
 
 @pytest.fixture
@@ -109,9 +109,13 @@ def test_double_buffering_protocol(fake_cp):
     ops.masked_batch(x, masks[:1])  # first use uploads the tap tables (one synchronisation, once)
     log.events.clear()
     log.launches.clear()
-    staging = ops.DoubleBufferedInput((4, 3, 8, 8), "float32")
+    from explainrt.runtime.staging import DoubleBufferedInput
+
+    staging = DoubleBufferedInput((4, 3, 8, 8), "float32")
     assert staging.side.non_blocking and staging.side is not main
-    assert log.events == [("wait", staging.side, main)]  # the side stream starts after the inputs made on main
+    assert log.events == []  # nothing is recorded before the first fill: inputs may still be made on main
+    late_input = fake_cp.asarray(masks)  # e.g. the driver's index arrays, uploaded after the staging exists
+    upload = (main, main.count - 1)
     seen = []
     for k in range(3):
         with staging.fill(k) as buf:
@@ -119,11 +123,16 @@ def test_double_buffering_protocol(fake_cp):
             ops.masked_batch(x, masks[4 * k:4 * k + 4], out=buf)
         seen.append(staging.ready(k).copy())
         staging.release(k)
+    staging.close()
     kernels = [(name, stream) for name, stream in log.launches if name.startswith("masked_batch")]
     assert len(kernels) == 3 and all(stream is staging.side for _, stream in kernels)
+    side_ops = [(s, i) for what, s, i in log.ops if s is staging.side and what.startswith("masked_batch")]
+    assert all(happens_before(log, upload, op) for op in side_ops), "a fill may read an input before its upload"
+    del late_input
     waits = [(s, on) for kind, s, on in log.events if kind == "wait"]
-    assert waits.count((staging.side, main)) == 2  # the start, then chunk 2 waits for the engine on chunk 0
-    assert sum(1 for s, on in waits if s is main and on is staging.side) == 3  # main waits for each chunk
+    assert waits.count((staging.side, main)) == 2  # the first fill, then chunk 2 waits for the engine on chunk 0
+    # main waits for each chunk, then (close) for the side stream before the buffers may be freed
+    assert sum(1 for s, on in waits if s is main and on is staging.side) == 4
     assert not [e for e in log.events if e[0] == "sync"], "the chunk loop must not synchronise the host"
     np.testing.assert_allclose(np.concatenate(seen), reference.masked_batch(x, masks), rtol=1e-6)
 
@@ -183,6 +192,28 @@ def test_gpu_pipeline_host_side_matches_cpu(fake_cp, host_side_model, method, pa
     np.testing.assert_allclose(got.saliency_maps, want.saliency_maps, atol=1e-5)
     if method in ("sidu", "scorecam", "rise"):  # masked passes ran through the double buffer
         assert any(name.startswith("masked_batch") and stream.ptr != 0 for name, stream in fake_cp.log.launches)
+
+
+def test_driver_fills_wait_for_every_upload(fake_cp, host_side_model):
+    """The race of issue #4 defect 2: the index arrays are uploaded on the main stream, the side
+    stream gathers with them; every side-stream write must be ordered after every upload."""
+    from explainrt import Explainer
+    from explainrt.runtime.ort_engine import OnnxRuntimeEngine
+
+    log = fake_cp.log
+    gpu = Explainer(DeviceProxyEngine(OnnxRuntimeEngine(host_side_model, max_batch=8), fake_cp), batch_size=5)
+    image = np.random.default_rng(4).integers(0, 256, (24, 20, 3), dtype=np.uint8)
+    for method, params in (("sidu", {"threshold": 0.05}), ("rise", {"n_masks": 23})):
+        del log.ops[:]
+        gpu.explain(image, method, **params)
+        main = log.current[0]
+        positions = [k for k, (what, s, i) in enumerate(log.ops) if what.startswith("masked_batch")]
+        assert positions and all(log.ops[k][1] is not main for k in positions)
+        uploads = [(s, i) for what, s, i in log.ops[:positions[0]] if s is main and what == "asarray"]
+        assert uploads
+        for k in positions:
+            launch = log.ops[k][1:]
+            assert all(happens_before(log, up, launch) for up in uploads), f"{method}: a gather may read stale indices"
 
 
 # ------------------------------------------------------------------ the real kernel code, run on the host

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from explainrt import cli
-from explainrt.runtime.tensorrt_engine import default_plan_path, plan_info_path
+from explainrt.runtime.tensorrt_build import default_plan_path, plan_info_path
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 
@@ -47,7 +47,7 @@ def test_fp16_onnx_keeps_float32_io_and_the_outputs(tmp_path):
     import onnxruntime as ort
 
     from explainrt.export import export_torch
-    from explainrt.runtime.tensorrt_engine import onnx_to_fp16
+    from explainrt.runtime.tensorrt_build import onnx_to_fp16
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU6(), torch.nn.Conv2d(8, 8, 3),

@@ -82,11 +82,14 @@ class FakeTensorRT(types.ModuleType):
                 return b"timing-cache:" + self.data
 
         class Config:
-            def __init__(self):
-                self.flags, self.profiles, self.cache = set(), [], None
+            def __init__(self):  # TensorRT turns TF32 on by default
+                self.flags, self.profiles, self.cache = {"TF32"}, [], None
 
             def set_flag(self, flag):
                 self.flags.add(flag)
+
+            def clear_flag(self, flag):
+                self.flags.discard(flag)
 
             def set_memory_pool_limit(self, pool, size):
                 trt.calls.append(("workspace", size))
@@ -172,10 +175,14 @@ class FakeTensorRT(types.ModuleType):
 
             def set_tensor_address(self, name, ptr):
                 trt.calls.append(("set_tensor_address", name))
+                if ptr % 256:  # TensorRT's I/O alignment: rejected, the old address stays bound
+                    return False
                 self.addresses[name] = ptr
+                return True
 
             def execute_async_v3(self, stream):
                 trt.calls.append(("execute", stream))
+                trt.cp.log.op("execute", trt.cp.log.streams[stream])
                 e = self.engine
                 assert set(self.addresses) == set(e.names), "every I/O tensor needs an address"
                 x = _view(self.addresses[e.names[0]], self.input_shape).copy()
@@ -203,7 +210,7 @@ def _view(ptr, shape):
 def fake_trt(request, monkeypatch):
     trt = FakeTensorRT(has_fp16_flag=request.param)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    import explainrt.runtime.tensorrt_engine as module
+    import explainrt.runtime.tensorrt_build as module
 
     monkeypatch.setattr(module, "_logger_instance", None)
     with installed_fake_cupy() as cp:
@@ -225,20 +232,23 @@ def trt_model(tmp_path_factory):
 
 
 @pytest.mark.parametrize("fp16", [False, True])
-def test_build_plan(fake_trt, trt_model, tmp_path, fp16):
-    from explainrt.runtime.tensorrt_engine import build_plan, plan_info_path
+@pytest.mark.parametrize("tf32", [False, True])
+def test_build_plan(fake_trt, trt_model, tmp_path, fp16, tf32):
+    from explainrt.runtime.tensorrt_build import build_plan, plan_info_path
 
     plan = str(tmp_path / "tiny.plan")
     cache = tmp_path / "cache.bin"
     cache.write_bytes(b"old")
     info = build_plan(trt_model, plan, max_batch=16, fp16=fp16, opt_batch=8, workspace_gb=0.5,
-                      timing_cache=str(cache))
+                      timing_cache=str(cache), tf32=tf32)
     ((_, flags, profile, fp16_weights, cache_in),) = [c for c in fake_trt.calls if c[0] == "build"]
     assert profile == ("input", (1, 3, 20, 16), (8, 3, 20, 16), (16, 3, 20, 16))
     assert cache_in == b"old" and cache.read_bytes() == b"timing-cache:old"
     assert ("workspace", 1 << 29) in fake_trt.calls
     has_flag = hasattr(fake_trt.BuilderFlag, "FP16")
-    assert flags == (["FP16"] if fp16 and has_flag else [])
+    # TensorRT's default TF32 is cleared for an FP32 plan unless asked for, and the choice recorded
+    assert flags == sorted((["FP16"] if fp16 and has_flag else []) + (["TF32"] if tf32 else []))
+    assert info["build"]["tf32"] is tf32
     assert fp16_weights == (fp16 and not has_flag)  # TensorRT 11: FP16 comes from the ONNX file
     assert info["build"]["fp16_via"] == (None if not fp16 else "builder_flag" if has_flag else "onnx")
     saved = json.loads(open(plan_info_path(plan)).read())
@@ -248,7 +258,8 @@ def test_build_plan(fake_trt, trt_model, tmp_path, fp16):
 
 def test_engine_rebinds_only_on_change(fake_trt, trt_model, tmp_path):
     from explainrt.runtime.ort_engine import OnnxRuntimeEngine
-    from explainrt.runtime.tensorrt_engine import TensorRTEngine, build_plan
+    from explainrt.runtime.tensorrt_build import build_plan
+    from explainrt.runtime.tensorrt_engine import TensorRTEngine
 
     cp = fake_trt.cp
     plan = str(tmp_path / "tiny.plan")
@@ -276,14 +287,15 @@ def test_engine_rebinds_only_on_change(fake_trt, trt_model, tmp_path):
     other = cp.asarray(np.asarray(buffer).copy())
     engine.infer(other[:2])
     assert ("set_tensor_address", "input") in fake_trt.calls[-3:]
-    # the caller is on the legacy default stream: TensorRT runs on the engine's own stream
-    assert all(stream == engine._own_stream.ptr != 0 for kind, stream in
+    # TensorRT always runs on the engine's own (non-default) stream
+    assert all(stream == engine.stream.ptr not in (0, 1, 2) for kind, stream in
                [c for c in fake_trt.calls if c[0] == "execute"])
 
 
 def test_engine_checks_the_batch_limit(fake_trt, trt_model, tmp_path):
     from explainrt.errors import InvalidInputError
-    from explainrt.runtime.tensorrt_engine import TensorRTEngine, build_plan
+    from explainrt.runtime.tensorrt_build import build_plan
+    from explainrt.runtime.tensorrt_engine import TensorRTEngine
 
     plan = str(tmp_path / "tiny.plan")
     build_plan(trt_model, plan, max_batch=4)
@@ -297,7 +309,7 @@ def test_load_engine_builds_from_onnx_once(fake_trt, trt_model, tmp_path):
     import shutil
 
     from explainrt.runtime import load_engine
-    from explainrt.runtime.tensorrt_engine import default_plan_path
+    from explainrt.runtime.tensorrt_build import default_plan_path
 
     model = str(tmp_path / "m.onnx")
     shutil.copy(trt_model, model)
@@ -322,7 +334,7 @@ def test_explanations_through_the_engine(fake_trt, trt_model, tmp_path):
     from explainrt import Explainer
 
     plan = str(tmp_path / "tiny.plan")
-    from explainrt.runtime.tensorrt_engine import build_plan
+    from explainrt.runtime.tensorrt_build import build_plan
 
     build_plan(trt_model, plan, max_batch=8)
     image = np.random.default_rng(1).integers(0, 256, (20, 16, 3), dtype=np.uint8)
@@ -332,3 +344,77 @@ def test_explanations_through_the_engine(fake_trt, trt_model, tmp_path):
         got, want = gpu.explain(image, method, **params), cpu.explain(image, method, **params)
         assert got.forward_passes == want.forward_passes
         np.testing.assert_allclose(got.saliency_maps, want.saliency_maps, atol=1e-5)
+
+
+def _misaligned(cp, x, offset_floats=16):
+    """A copy of ``x`` whose first element sits ``4·offset_floats`` bytes past a 256-byte boundary."""
+    flat = cp.empty(x.size + offset_floats, dtype=cp.float32)
+    view = flat[offset_floats:].reshape(x.shape)
+    view[...] = x
+    assert view.data.ptr % 256 != 0
+    return view
+
+
+def test_misaligned_inputs_are_staged_not_run_stale(fake_trt, trt_model, tmp_path):
+    """TensorRT keeps the old address when it rejects one: every input must still be read."""
+    from explainrt.runtime.ort_engine import OnnxRuntimeEngine
+    from explainrt.runtime.tensorrt_build import build_plan
+    from explainrt.runtime.tensorrt_engine import TensorRTEngine
+
+    cp = fake_trt.cp
+    plan = str(tmp_path / "tiny.plan")
+    build_plan(trt_model, plan, max_batch=8)
+    engine = TensorRTEngine(plan, max_batch=8)
+    reference = OnnxRuntimeEngine(trt_model, max_batch=8)
+    rng = np.random.default_rng(2)
+    for seed in range(3):  # distinct misaligned inputs, one after the other
+        x = rng.standard_normal((5, 3, 20, 16)).astype(np.float32)
+        got = engine.infer(_misaligned(cp, x, offset_floats=16 + seed), ["probs"])["probs"]
+        np.testing.assert_allclose(got, reference.infer(x, ["probs"])["probs"], rtol=1e-6, atol=1e-7)
+    assert engine._input_staging.copies == 3
+    # infer_batches slices land on aligned staging buffers too, whatever the item size
+    x = rng.standard_normal((7, 3, 20, 16)).astype(np.float32)
+    got = engine.infer_batches(_misaligned(cp, x), ["probs"], batch_size=3)["probs"]
+    np.testing.assert_allclose(got, reference.infer(x, ["probs"])["probs"], rtol=1e-6, atol=1e-7)
+
+
+def test_rejected_addresses_are_errors(fake_trt, trt_model, tmp_path):
+    from explainrt.errors import ModelError
+    from explainrt.runtime.tensorrt_build import build_plan
+    from explainrt.runtime.tensorrt_engine import TensorRTEngine
+
+    plan = str(tmp_path / "tiny.plan")
+    build_plan(trt_model, plan, max_batch=8)
+    engine = TensorRTEngine(plan, max_batch=8)
+    with pytest.raises(ModelError, match="256-byte aligned"):
+        engine._bind_address("input", 256 * 1000 + 64)
+
+
+@pytest.mark.parametrize("caller", ["legacy", "per_thread", "side"])
+def test_engine_orders_its_stream_with_the_callers(fake_trt, trt_model, tmp_path, caller):
+    """Inputs enqueued on the caller's stream are read after they are written, outputs are valid
+    on the caller's stream, whichever stream the caller is on (CuPy's per-thread default is 2)."""
+    from explainrt.runtime.tensorrt_build import build_plan
+    from explainrt.runtime.tensorrt_engine import TensorRTEngine
+    from fake_cupy import happens_before
+
+    cp = fake_trt.cp
+    log = cp.log
+    plan = str(tmp_path / "tiny.plan")
+    build_plan(trt_model, plan, max_batch=8, tf32=False)
+    engine = TensorRTEngine(plan, max_batch=8)
+    assert engine.tf32 is False
+    stream = {"legacy": log.current[0], "per_thread": cp.cuda.Stream(ptds=True),
+              "side": cp.cuda.Stream(non_blocking=True)}[caller]
+    with stream:
+        x = cp.asarray(np.ones((2, 3, 20, 16), np.float32))
+        upload = (stream, stream.count - 1)
+        out = engine.infer(x, ["probs"])
+        after = log.op("read probs")
+    (execute,) = [(s, i) for what, s, i in log.ops if what == "execute"]
+    assert execute[0] is engine.stream
+    assert happens_before(log, upload, execute), "TensorRT may read the input before it is uploaded"
+    assert happens_before(log, execute, after), "the caller may read the outputs before TensorRT wrote them"
+    copies = [(s, i) for what, s, i in log.ops if what == "empty" and s is stream]
+    assert copies, "handed-back outputs are allocated on the caller's stream"
+    assert out["probs"].dtype == np.float32 and out["probs"].shape == (2, 5)
