@@ -218,15 +218,18 @@ def test_cost_is_an_upper_bound_of_the_forward_passes(server, method, params, pa
         assert done == task.cost_passes
 
 
-@pytest.mark.parametrize("method,params,shape,original,overlay,targets,tight", [
-    ("fem", {}, (2500, 2500), True, True, [0, 1], 20),  # response-dominated: the bound must stay close
-    ("rise", {"n_masks": "4000", "grid_size": "5"}, (300, 300), False, False, [0, 1, 2], None),
-    ("scorecam", {}, (1200, 1600), True, True, [], None),
-    ("featurecam", {}, (200, 200), False, True, [3], None),
+@pytest.mark.parametrize("method,params,shape,original,overlay,targets", [
+    ("fem", {}, (2500, 2500), True, True, [0, 1]),  # response-dominated (measured 261 MiB, estimate 346)
+    ("rise", {"n_masks": "4000", "grid_size": "5"}, (300, 300), False, False, [0, 1, 2]),  # masks and scores
+    ("scorecam", {}, (1200, 1600), True, True, []),
+    ("featurecam", {}, (200, 200), False, True, [3]),
 ])
-def test_memory_estimate_bounds_the_measured_peak(big_server, method, params, shape, original, overlay, targets,
-                                                  tight):
-    """Peak RSS (VmHWM reset before the request) of parse + run + serialise, against ``memory_bytes``."""
+def test_memory_estimate_bounds_the_measured_peak(big_server, method, params, shape, original, overlay, targets):
+    """Peak of parse + run + serialise against ``memory_bytes``: the larger of the RSS peak (VmHWM reset before
+    the request; it sees OpenCV, ONNX Runtime and protobuf, but not memory the allocator reuses) and the
+    tracemalloc peak (every NumPy array, reused or not)."""
+    import tracemalloc
+
     from explainrt.server.tasks import parse_request, run_task
 
     if not _reset_peak():
@@ -240,16 +243,17 @@ def test_memory_estimate_bounds_the_measured_peak(big_server, method, params, sh
     req.output.map_size = pb.MAP_SIZE_ORIGINAL if original else pb.MAP_SIZE_MODEL_INPUT
     req.output.overlay_png = overlay
     run_task(parse_request(req, big_server.models)).SerializeToString()  # warm: engine arena, caches
+    tracemalloc.start()
     _reset_peak()
     rss = _status("VmRSS")
     task = parse_request(req, big_server.models)
     data = run_task(task).SerializeToString()
-    peak = _status("VmHWM") - rss
+    peak = max(_status("VmHWM") - rss, tracemalloc.get_traced_memory()[1])
+    tracemalloc.stop()
     assert len(data) <= task.response_bytes
     assert peak <= task.memory_bytes, f"measured {peak / MB:.1f} MiB > estimate {task.memory_bytes / MB:.1f} MiB"
-    if tight:
-        assert task.memory_bytes <= tight * max(peak, 1), \
-            f"estimate {task.memory_bytes / MB:.1f} MiB is far above the measured {peak / MB:.1f} MiB"
+    assert task.memory_bytes <= 20 * peak, \
+        f"estimate {task.memory_bytes / MB:.1f} MiB is far above the measured {peak / MB:.1f} MiB"
 
 
 def test_estimates_are_recorded_on_the_task(big_server):
