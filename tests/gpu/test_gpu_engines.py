@@ -39,30 +39,40 @@ def test_torch_cuda_matches_ort_cpu(cp, request, model):
     _check(cp, engine, path, 1e-4)
 
 
-def test_torch_cuda_fp16(cp, lite0_path):
+@pytest.mark.parametrize("model", ["tiny", "lite0"])  # tiny: the FP16 path runs without the Lite0 packages
+def test_torch_cuda_fp16(cp, request, model):
     pytest.importorskip("torch")
-    engine = load_engine(lite0_path, backend="torch", device="cuda", max_batch=8, fp16=True)
+    path = request.getfixturevalue("tiny_model_path" if model == "tiny" else "lite0_path")
+    engine = load_engine(path, backend="torch", device="cuda", max_batch=8, fp16=True)
     assert engine.input_dtype == "float16"
-    _check(cp, engine, lite0_path, 2e-2)
+    _check(cp, engine, path, 2e-2)
+    # a float32 input, misaligned, is staged (cast + aligned copy) on the engine's stream
+    x = cp.asarray(_batch(engine, 5, seed=9))
+    flat = cp.empty(x.size + 3, dtype=cp.float32)
+    view = flat[3:].reshape(x.shape)
+    view[...] = x
+    want = OnnxRuntimeEngine(path, max_batch=8).infer(cp.asnumpy(x))["probs"]
+    assert rel_err(cp.asnumpy(engine.infer(view)["probs"]), want) < 2e-2
 
 
 def test_torch_cuda_graphs_replay_the_eager_result(cp, tiny_model_path):
     pytest.importorskip("torch")
     eager = load_engine(tiny_model_path, backend="torch", device="cuda", max_batch=8)
     graphed = load_engine(tiny_model_path, backend="torch", device="cuda", max_batch=8, cuda_graphs=True)
-    for n in (8, 3, 8):  # replay, a second graph, replay again
+    for n in (8, 3, 8, 4, 7):  # replay, a second graph (bucket 4), replay again, bucket 4 again, bucket 8
         x = cp.asarray(_batch(eager, n, seed=n))
         a, b = eager.infer(x), graphed.infer(x)
         for name in a:
             np.testing.assert_allclose(cp.asnumpy(b[name]), cp.asnumpy(a[name]), rtol=1e-5, atol=1e-6)
-    assert len(graphed._graphs) == 2
+    assert len(graphed._graphs) == 2 and graphed._graphs.captures == 2
 
 
-def test_torch_engine_follows_the_cupy_stream(cp, tiny_model_path):
+@pytest.mark.parametrize("stream_kind", ["non_blocking", "per_thread_default"])
+def test_torch_engine_follows_the_cupy_stream(cp, tiny_model_path, stream_kind):
     pytest.importorskip("torch")
     engine = load_engine(tiny_model_path, backend="torch", device="cuda", max_batch=8)
     x = _batch(engine, 4)
-    stream = cp.cuda.Stream(non_blocking=True)
+    stream = cp.cuda.Stream(non_blocking=True) if stream_kind == "non_blocking" else cp.cuda.Stream.ptds
     with stream:
         out = engine.infer(cp.asarray(x))
         probs = out["probs"] * 1.0

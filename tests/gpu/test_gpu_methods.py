@@ -84,6 +84,18 @@ def test_torch_cuda_pipeline_matches_cpu(cp, tiny_model_path, image, method, par
     np.testing.assert_allclose(got.saliency_maps, want.saliency_maps, atol=2e-3)
 
 
+@pytest.mark.parametrize("method,params", [("sidu", {"threshold": 0.1}), ("scorecam", {}), ("rise", {"n_masks": 200})])
+def test_torch_cuda_fp16_pipeline_matches_cpu(cp, tiny_model_path, image, method, params):
+    """The FP16 driver path (masked_batch_f16 into a half buffer → torch in fp16), no Lite0 needed."""
+    pytest.importorskip("torch")
+    want = Explainer(tiny_model_path, batch_size=32).explain(image, method, **params)
+    gpu = Explainer(tiny_model_path, backend="torch", device="cuda", batch_size=32, fp16=True)
+    assert gpu.engine.input_dtype == "float16"
+    got = gpu.explain(image, method, **params)
+    assert got.targets == want.targets and got.forward_passes == want.forward_passes
+    np.testing.assert_allclose(got.saliency_maps, want.saliency_maps, atol=3e-2)
+
+
 @pytest.mark.parametrize("method,params", [("scorecam", {}), ("rise", {"n_masks": 500}), ("fem", {})])
 def test_lite0_gpu_maps_match_cpu(cp, lite0_path, method, params):
     pytest.importorskip("torch")

@@ -225,3 +225,24 @@ def test_graph_never_reads_device_values(request, tiny_models, name):
     out = graph.run({"input": torch.empty(3, 3, h, w, device="meta")}, ["probs", "activations"])
     assert out["probs"].device.type == "meta" and out["probs"].shape == (3, engine.metadata.num_classes)
     assert tuple(out["activations"].shape) == (3, *engine.metadata.activation_shape)
+
+
+def test_cuda_graph_buckets_bound_the_captures():
+    """SIDU's last chunk varies per image: every batch size maps to one of a few buckets."""
+    from explainrt.runtime.torch_engine import GraphCache, bucket_for, graph_buckets
+
+    assert graph_buckets(64) == (1, 2, 4, 8, 16, 32, 64)
+    assert graph_buckets(100) == (1, 2, 4, 8, 16, 32, 64, 100)
+    buckets = graph_buckets(128)
+    assert {bucket_for(b, buckets) for b in range(1, 129)} == set(buckets)
+    assert all(bucket_for(b, buckets) >= b for b in range(1, 129))
+    with pytest.raises(InvalidInputError):
+        bucket_for(129, buckets)
+    cache = GraphCache(capacity=4)
+    made = []
+    for b in list(range(1, 129)) * 2:  # every last-chunk size, twice
+        key = (bucket_for(b, buckets), ("probs",))
+        cache.get(key, lambda: made.append(key) or key)
+    assert len(cache) == 4 and cache.captures == len(made)
+    assert cache.keys() == [(k, ("probs",)) for k in (16, 32, 64, 128)]  # the most recently used
+    assert len(made) < 2 * len(buckets) + 1  # nowhere near one capture per request
