@@ -15,6 +15,13 @@ concurrency 1, measured two ways in the same run:
 
     PYTHONPATH=. python benchmarks/serve_bench.py                       # fem + scorecam, 1/2/4/8
     PYTHONPATH=. python benchmarks/serve_bench.py --methods fem --levels 1,2,4,8,16 --duration 5
+    PYTHONPATH=. python benchmarks/serve_bench.py --scenario mixed --baseline-tree /tmp/base   # vs an older server
+    PYTHONPATH=. python benchmarks/serve_bench.py --scenario batching --levels 1,8,32,64 --duration 10
+
+``mixed``: 32 clients, each request FEM (80 %), SIDU (10 %) or Score-CAM (10 %) with a 30 s
+deadline; per method: completions/s, p50/p99, deadline misses; FEM's p99 against its solo p50
+on the same server. ``batching``: FEM requests/s with cross-request batching off and on, the two
+servers alternating level by level so both see the same machine.
 """
 from __future__ import annotations
 
@@ -61,12 +68,12 @@ def bench_image(size: int = 224) -> np.ndarray:
 class ServerProcess:
     """`python -m explainrt serve` on 127.0.0.1 with a free port; stopped with SIGTERM."""
 
-    def __init__(self, models: str, workers: int, batch_size: int, queue_size: int):
-        env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    def __init__(self, models: str, workers: int, batch_size: int, queue_size: int, extra=(), tree: str = ROOT):
+        env = {**os.environ, "PYTHONPATH": tree + os.pathsep + os.environ.get("PYTHONPATH", "")}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "explainrt", "serve", "--models", models, "--host", "127.0.0.1", "--port", "0",
-             "--workers", str(workers), "--batch-size", str(batch_size), "--queue-size", str(queue_size)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+             "--workers", str(workers), "--batch-size", str(batch_size), "--queue-size", str(queue_size), *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=tree)
         line = self.proc.stdout.readline()
         match = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
         if not match:
@@ -81,7 +88,7 @@ class ServerProcess:
 
 
 class InProcessServer:
-    def __init__(self, models: str, workers: int, batch_size: int, queue_size: int):
+    def __init__(self, models: str, workers: int, batch_size: int, queue_size: int, extra=(), tree: str = ROOT):
         from explainrt.server import ExplainServer, ServerConfig
 
         self.server = ExplainServer(ServerConfig(models=models, host="127.0.0.1", port=0, workers=workers,
@@ -170,6 +177,142 @@ def measure_overhead(url: str, model: str, method: str, image: np.ndarray, batch
             "in_process_ms": [t * 1e3 for t in local], "end_to_end_ms": [t * 1e3 for t in remote]}
 
 
+def run_mixed(url: str, image: np.ndarray, clients: int, duration: float, mix: dict, deadline: float,
+              seed: int = 0) -> dict:
+    """``clients`` clients send back to back for ``duration`` s, each request's method drawn from ``mix``.
+
+    Every request has a ``deadline`` (s). Returns per-method latency percentiles, completions per
+    second, deadline misses and other errors by code.
+    """
+    from explainrt.client import ExplainClient, RemoteError
+
+    names, weights = zip(*mix.items())
+    weights = np.asarray(weights, np.float64) / sum(weights)
+    latencies: dict = {m: [] for m in names}
+    codes: dict = {m: {} for m in names}
+    lock = threading.Lock()
+    start = threading.Barrier(clients + 1)
+
+    def client_loop(index: int):
+        rng = np.random.default_rng(seed + index)
+        with ExplainClient(url, timeout=deadline, retries=0) as client:
+            client.health()
+            start.wait()
+            end = time.perf_counter() + duration
+            while time.perf_counter() < end:
+                method = names[int(rng.choice(len(names), p=weights))]
+                t0 = time.perf_counter()
+                try:
+                    client.explain(image, method, timeout=deadline)
+                    code = "OK"
+                except RemoteError as exc:
+                    code = exc.code
+                with lock:
+                    codes[method][code] = codes[method].get(code, 0) + 1
+                    if code == "OK":
+                        latencies[method].append(time.perf_counter() - t0)
+
+    threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - t0
+    per_method = {}
+    for m in names:
+        lat = latencies[m]
+        per_method[m] = {"ok": len(lat), "ok_per_s": len(lat) / wall, "codes": codes[m],
+                         "deadline_exceeded": codes[m].get("DEADLINE_EXCEEDED", 0),
+                         "p50_ms": percentile(lat, 50) * 1e3, "p99_ms": percentile(lat, 99) * 1e3}
+    return {"clients": clients, "wall_s": wall, "mix": mix, "deadline_s": deadline, "methods": per_method}
+
+
+def solo_p50(url: str, image: np.ndarray, method: str, count: int = 20) -> float:
+    """p50 latency (ms) of ``method`` with no other traffic."""
+    from explainrt.client import ExplainClient
+
+    with ExplainClient(url, timeout=600, retries=0) as client:
+        client.explain(image, method)
+        return percentile([client.explain(image, method).latency_s for _ in range(count)], 50) * 1e3
+
+
+def scenario_mixed(args, models, image) -> list:
+    """The issue's mixed load (80 % FEM, 10 % SIDU, 10 % Score-CAM) on each server variant in turn."""
+    mix = {"fem": 0.8, "sidu": 0.1, "scorecam": 0.1}
+    variants = [("this server", ROOT, [])]
+    if args.baseline_tree:
+        variants.insert(0, ("baseline " + os.path.basename(os.path.normpath(args.baseline_tree)), args.baseline_tree, []))
+    rows = []
+    for label, tree, extra in variants:
+        server = ServerProcess(models, args.workers, args.batch_size, queue_size=64, extra=extra, tree=tree)
+        try:
+            url = f"127.0.0.1:{server.port}"
+            solo = solo_p50(url, image, "fem")
+            result = run_mixed(url, image, args.mixed_clients, args.mixed_duration, mix, args.deadline)
+        finally:
+            server.stop()
+        result.update(server=label, fem_solo_p50_ms=solo)
+        rows.append(result)
+        fem = result["methods"]["fem"]
+        print(f"mixed {label}: fem p50 {fem['p50_ms']:.0f} ms p99 {fem['p99_ms']:.0f} ms (solo {solo:.1f}), "
+              f"{fem['deadline_exceeded']} fem past the deadline", file=sys.stderr)
+    return rows
+
+
+def print_mixed(rows) -> None:
+    header = (f"{'server':<22} {'method':<9} {'ok':>5} {'ok/s':>6} {'p50 ms':>9} {'p99 ms':>9} {'p99/solo':>8} "
+              f"{'missed':>6} {'other errors':<24}")
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        for method, m in row["methods"].items():
+            ratio = m["p99_ms"] / row["fem_solo_p50_ms"] if method == "fem" else float("nan")
+            other = {k: v for k, v in m["codes"].items() if k not in ("OK", "DEADLINE_EXCEEDED")}
+            print(f"{row['server']:<22} {method:<9} {m['ok']:>5} {m['ok_per_s']:>6.2f} {m['p50_ms']:>9.0f} "
+                  f"{m['p99_ms']:>9.0f} {ratio:>8.1f} {m['deadline_exceeded']:>6} {json.dumps(other):<24}")
+    if rows:
+        print(f"{rows[0]['clients']} clients for {rows[0]['wall_s']:.0f} s, deadline {rows[0]['deadline_s']:g} s; "
+              "p99/solo = FEM p99 under the mix / FEM p50 alone on the same server; missed = DEADLINE_EXCEEDED")
+
+
+def scenario_batching(args, models, image, levels) -> list:
+    """FEM requests/s at each concurrency, cross-request batching off and on, the two alternated per level."""
+    servers = {"off": ServerProcess(models, args.workers, args.batch_size, queue_size=max(64, 2 * max(levels)),
+                                    extra=["--max-queue-delay-ms", "off"]),
+               "on": ServerProcess(models, args.workers, args.batch_size, queue_size=max(64, 2 * max(levels)),
+                                   extra=["--max-queue-delay-ms", str(args.queue_delay_ms)])}
+    rows = []
+    try:
+        for concurrency in levels:
+            row = {"concurrency": concurrency}
+            for label, server in servers.items():
+                r = run_level(f"127.0.0.1:{server.port}", "fem", image, concurrency, args.duration)
+                row[label] = r
+            rows.append(row)
+            print(f"batching c={concurrency}: off {row['off']['throughput_rps']:.1f}/s, "
+                  f"on {row['on']['throughput_rps']:.1f}/s", file=sys.stderr)
+    finally:
+        for server in servers.values():
+            server.stop()
+    return rows
+
+
+def print_batching(rows, delay_ms: float) -> None:
+    header = (f"{'clients':>7} {'off req/s':>9} {'on req/s':>9} {'on/off':>6} {'off p50':>8} {'on p50':>8} "
+              f"{'off p99':>8} {'on p99':>8} {'err':>3}")
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        off, on = row["off"], row["on"]
+        print(f"{row['concurrency']:>7} {off['throughput_rps']:>9.1f} {on['throughput_rps']:>9.1f} "
+              f"{on['throughput_rps'] / off['throughput_rps']:>6.2f} {off['p50_ms']:>8.1f} {on['p50_ms']:>8.1f} "
+              f"{off['p99_ms']:>8.1f} {on['p99_ms']:>8.1f} {off['errors'] + on['errors']:>3}")
+    print(f"FEM (1 forward pass per request); on = --max-queue-delay-ms {delay_ms:g}, off = --max-queue-delay-ms off; "
+          "the two servers alternate level by level; latencies in ms")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default="fem,scorecam")
@@ -180,6 +323,16 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default=None, help="an exported .onnx (default: export EfficientNet-Lite0)")
     parser.add_argument("--inprocess", action="store_true", help="run the server in this process")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "out"))
+    parser.add_argument("--scenario", default="sweep", choices=("sweep", "mixed", "batching", "all"),
+                        help="sweep: per-method concurrency sweep + overhead; mixed: 80/10/10 FEM/SIDU/Score-CAM "
+                             "load; batching: FEM req/s with cross-request batching off vs on (--levels)")
+    parser.add_argument("--mixed-clients", type=int, default=32)
+    parser.add_argument("--mixed-duration", type=float, default=60.0)
+    parser.add_argument("--deadline", type=float, default=30.0, help="per-request deadline of the mixed load (s)")
+    parser.add_argument("--queue-delay-ms", type=float, default=2.0, help="--max-queue-delay-ms of the batching run")
+    parser.add_argument("--baseline-tree", default=None,
+                        help="a checkout of an earlier explainrt (e.g. `git worktree add /tmp/base 1c50bde`) whose "
+                             "server runs the mixed load first, for a side-by-side comparison")
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     levels = [int(c) for c in args.levels.split(",")]
@@ -195,12 +348,20 @@ def main(argv=None) -> int:
 
             print("exporting efficientnet-lite0 …", file=sys.stderr)
             export_zoo_model("efficientnet-lite0", model)
+        mixed, batching = [], []
+        if args.scenario in ("mixed", "all"):
+            mixed = scenario_mixed(args, models, image)
+        if args.scenario in ("batching", "all"):
+            batching = scenario_batching(args, models, image, levels)
         server_cls = InProcessServer if args.inprocess else ServerProcess
-        server = server_cls(models, args.workers, args.batch_size, queue_size=max(64, 2 * max(levels)))
         rows, overheads = [], []
+        if args.scenario not in ("sweep", "all"):
+            methods = []
+        server = server_cls(models, args.workers, args.batch_size, queue_size=max(64, 2 * max(levels))) \
+            if methods else None
         try:
-            url = f"127.0.0.1:{server.port}"
             for method in methods:
+                url = f"127.0.0.1:{server.port}"
                 overheads.append(measure_overhead(url, model, method, image, args.batch_size, args.duration))
                 print(f"{method} overhead: {overheads[-1]['overhead_p50_ms']:.2f} ms "
                       f"({overheads[-1]['pairs']} pairs)", file=sys.stderr)
@@ -209,8 +370,17 @@ def main(argv=None) -> int:
                     print(f"{method} c={concurrency}: {rows[-1]['requests']} requests, "
                           f"p50 {rows[-1]['p50_ms']:.1f} ms", file=sys.stderr)
         finally:
-            server.stop()
+            if server is not None:
+                server.stop()
 
+    if mixed:
+        print_mixed(mixed)
+        print()
+    if batching:
+        print_batching(batching, args.queue_delay_ms)
+        print()
+    if not methods:
+        return _write(args, rows, overheads, mixed, batching)
     header = (f"{'method':<9} {'conc':>4} {'reqs':>5} {'err':>3} {'thru/s':>8} {'p50 ms':>9} {'p90 ms':>9} "
               f"{'p99 ms':>9} {'per-req ovh':>11}")
     print(header)
@@ -228,16 +398,21 @@ def main(argv=None) -> int:
               f"{row['overhead_p50_ms']:>9.2f} {row['per_request_overhead_p50_ms']:>11.2f}")
     print("ms; image 224x224 uint8 RGB in, float32 224x224 map back; overhead = end-to-end p50 − in-process "
           "p50 (interleaved, concurrency 1); per-req ovh = p50 of (end to end − server-reported explainer time).")
+    return _write(args, rows, overheads, mixed, batching)
+
+
+def _write(args, rows, overheads, mixed, batching) -> int:
     os.makedirs(args.out, exist_ok=True)
     stamp = time.strftime("%Y-%m-%d")
-    path = os.path.join(args.out, f"serve_bench-{stamp}.json")
+    path = os.path.join(args.out, f"serve_bench-{args.scenario}-{stamp}.json")
     with open(path, "w") as fh:
         json.dump({"date": stamp, "host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
                    "load_average_at_end": os.getloadavg(),
                    "server": "in-process" if args.inprocess else "subprocess", "workers": args.workers,
                    "batch_size": args.batch_size, "duration_s": args.duration, "model": "efficientnet-lite0"
                    if not args.model else args.model, "image": "224x224 uint8", "rows": rows,
-                   "overhead": overheads}, fh, indent=1)
+                   "overhead": overheads, "scenario": args.scenario, "mixed": mixed, "batching": batching},
+                  fh, indent=1)
     print(f"wrote {path}")
     return 0
 

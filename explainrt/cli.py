@@ -38,6 +38,7 @@ def _bounded(kind: type, low: float, high: Optional[float] = None, above: bool =
 
 
 positive_int = _bounded(int, 1, bounds="must be at least 1")
+non_negative_int = _bounded(int, 0, bounds="must be 0 or more")
 at_least_one = _bounded(float, 1, bounds="must be at least 1")
 positive_float = _bounded(float, 0, above=True, bounds="must be a positive number")
 port_number = _bounded(int, 0, 65535, bounds="a port is 0..65535 (0 picks a free one)")

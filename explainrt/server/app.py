@@ -58,11 +58,13 @@ class ExplainServer:
         self.models = ModelRepository(config.models, batch_size=config.batch_size, max_queue_delay_s=delay,
                                       on_batch=self.metrics.observe_batch, **config.engine_options())
         self.scheduler = Scheduler(config.workers, config.queue_size, cheap_passes=config.cheap_passes,
+                                   cheap_workers=config.cheap_workers,
                                    memory_budget=config.memory_budget_mib * MIB)
         self.servicer = ExplainServicer(self.models, self.scheduler, self.metrics, ServiceOptions(
             max_response_bytes=config.max_send_mib * MIB, progress_interval_s=config.progress_interval_s,
-            stream_window=config.workers, max_calls=config.max_calls,
-            limits=RequestLimits(config.max_masks, config.max_targets, config.max_pixels)))
+            stream_window=config.workers + config.cheap_workers, max_calls=config.max_calls,
+            limits=RequestLimits(config.max_masks, config.max_targets, config.max_pixels,
+                                 max_response_bytes=config.max_send_mib * MIB)))
         self.health = None  # the aio health servicer, made on the event loop
         self._server = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None

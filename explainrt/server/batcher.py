@@ -13,9 +13,9 @@ own rows. This is Triton's dynamic batcher applied to what explanation traffic s
 
 ``max_queue_delay_s``: once a batch has room, how long the executor waits for more calls,
 but only while other requests for this model are in flight and could still send one (a lone
-request never waits). ``express``: a second executor that runs only calls of cheap requests,
-so a one-pass request never waits behind a full chunk of a 500-pass one; for engines that take
-concurrent calls (ONNX Runtime sessions).
+request never waits). ``express``: a second engine instance with an executor of its own that
+runs only calls of cheap requests, so a one-pass request never waits behind a full chunk of a
+500-pass one (the server gives ONNX Runtime models one, a session with one intra-op thread).
 
 A failure of a merged call is retried call by call, so one request's bad input fails that
 request only. On a GPU the executor runs on its own thread and CUDA stream: each call's inputs
@@ -94,7 +94,7 @@ class BatchStats:
 class BatchingEngine(Engine):
     """``engine`` with the calls of concurrent requests merged into shared engine batches."""
 
-    def __init__(self, engine: Engine, max_queue_delay_s: float = 0.002, express: bool = False,
+    def __init__(self, engine: Engine, max_queue_delay_s: float = 0.002, express: Optional[Engine] = None,
                  name: str = "model", on_batch=None):
         super().__init__(engine.metadata, engine.max_batch)
         self.engine = engine
@@ -113,7 +113,8 @@ class BatchingEngine(Engine):
         self._closed = False
         self._threads = [threading.Thread(target=self._execute, args=(False,), name=f"explainrt-batch-{name}",
                                           daemon=True)]
-        if express:
+        self.express = express  # the express executor's own engine instance (its own threads / stream)
+        if express is not None:
             self._threads.append(threading.Thread(target=self._execute, args=(True,),
                                                   name=f"explainrt-batch-{name}-express", daemon=True))
         for thread in self._threads:
@@ -152,6 +153,8 @@ class BatchingEngine(Engine):
         for thread in self._threads:
             thread.join(5)
         self.engine.close()
+        if self.express is not None:
+            self.express.close()
 
     # ---- requests in flight --------------------------------------------------------------------
     def _enter(self) -> None:
@@ -209,23 +212,23 @@ class BatchingEngine(Engine):
                             break
                         self._queue.extend(batch)  # re-pack with what arrived, in rank order
                         batch = self._take(express)
-            self._run_batch(batch)
+            self._run_batch(batch, self.express if express else self.engine)
 
-    def _run_batch(self, batch: list[_Call]) -> None:
+    def _run_batch(self, batch: list[_Call], engine: Engine) -> None:
         names = list(dict.fromkeys(n for call in batch for n in call.names))
         rows = sum(call.rows for call in batch)
         try:
             for call in batch:
                 self._handoff.before(call.ready)
             x = batch[0].x if len(batch) == 1 else self.xp.concatenate([call.x for call in batch], axis=0)
-            out = self.engine.run({self.metadata.input_name: x}, names)
+            out = engine.run({self.metadata.input_name: x}, names)
         except Exception as exc:
             if len(batch) == 1:
                 batch[0].future.set_exception(exc)
                 return
             log_event(log, "batch_failed_retrying_alone", logging.WARNING, calls=len(batch), error=str(exc))
             for call in batch:  # one request's failure must not fail its batch-mates
-                self._run_batch([call])
+                self._run_batch([call], engine)
             return
         self.stats.add(len(batch), rows)
         if self._on_batch is not None:
@@ -270,13 +273,15 @@ class _StreamHandoff:
     wait = before
 
 
-def wrap(engine: Engine, max_queue_delay_s: Optional[float], name: str, on_batch=None) -> Engine:
+def wrap(engine: Engine, max_queue_delay_s: Optional[float], name: str, on_batch=None,
+         express: Optional[Engine] = None) -> Engine:
     """``engine`` behind a batcher, or itself when batching is off (``max_queue_delay_s`` None).
 
-    The express executor (concurrent engine calls) is used for engines that take calls from
-    several threads at once: ONNX Runtime sessions.
+    ``express``: a second instance of the model for the express executor. It must be a separate
+    instance: concurrent runs of one ONNX Runtime session share its intra-op thread pool, so a
+    one-image run would wait behind every operator of a 64-image one.
     """
     if max_queue_delay_s is None:
         return engine
-    return BatchingEngine(engine, max_queue_delay_s=max_queue_delay_s, express=engine.backend == "onnxruntime",
-                          name=name, on_batch=on_batch)
+    return BatchingEngine(engine, max_queue_delay_s=max_queue_delay_s, express=express, name=name,
+                          on_batch=on_batch)

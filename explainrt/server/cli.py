@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 
 def register(subparsers) -> None:
     """Add the `serve` and `client` subcommands."""
-    from ..cli import add_request_options, at_least_one, port_number, positive_float, positive_int
+    from ..cli import add_request_options, at_least_one, non_negative_int, port_number, positive_float, positive_int
     from .config import ServerConfig  # light: no grpc import until a command runs
 
     d = ServerConfig(models="")
@@ -23,7 +23,11 @@ def register(subparsers) -> None:
                    help=f"address to bind (default {d.host}: this machine only; [::] or 0.0.0.0 for every interface)")
     p.add_argument("--port", type=port_number, default=d.port, help=f"gRPC port (default {d.port}; 0 picks a free one)")
     p.add_argument("--metrics-port", type=port_number, default=None, help="serve Prometheus /metrics on this HTTP port")
-    p.add_argument("--workers", type=positive_int, default=d.workers, help=f"explanations run at once (default {d.workers})")
+    p.add_argument("--workers", type=positive_int, default=d.workers,
+                   help=f"expensive explanations run at once (default {d.workers})")
+    p.add_argument("--cheap-workers", type=non_negative_int, default=d.cheap_workers,
+                   help=f"more threads for cheap requests only (--cheap-passes), which run several at once and share "
+                        f"engine batches (default {d.cheap_workers})")
     p.add_argument("--queue-size", type=positive_int, default=d.queue_size,
                    help=f"requests that may wait for a worker; more get RESOURCE_EXHAUSTED (default {d.queue_size})")
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size,
@@ -54,8 +58,8 @@ def register(subparsers) -> None:
                    help=f"cross-request batching: how long an engine batch with room waits for other requests' calls "
                         f"(default {d.max_queue_delay_ms:g}; 0: only what already waits; 'off': no batching)")
     p.add_argument("--cheap-passes", type=positive_int, default=d.cheap_passes,
-                   help=f"requests of at most this many forward passes are cheap: they run first and keep a worker "
-                        f"of their own (default {d.cheap_passes}: FEM and a few baselines)")
+                   help=f"requests of at most this many forward passes are cheap: they run first and have "
+                        f"--cheap-workers threads of their own (default {d.cheap_passes}: FEM)")
     p.add_argument("--tls-cert", default=None, help="PEM certificate (chain) of the server: serve TLS")
     p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     p.add_argument("--tls-client-ca", default=None,
@@ -111,7 +115,7 @@ def cmd_serve(args) -> int:
 
     logs.configure(args.log_format, logging.INFO)
     config = ServerConfig(models=args.models, host=args.host, port=args.port, metrics_port=args.metrics_port,
-                          workers=args.workers, queue_size=args.queue_size, batch_size=args.batch_size,
+                          workers=args.workers, cheap_workers=args.cheap_workers, queue_size=args.queue_size, batch_size=args.batch_size,
                           backend=args.backend, device=args.device, threads=args.threads,
                           ort_spinning=args.ort_spinning,
                           max_receive_mib=args.max_message_mib, max_send_mib=max(args.max_message_mib, 256),

@@ -15,7 +15,8 @@ class ServerConfig:
     host: str = "127.0.0.1"  # loopback unless told otherwise ("[::]" / "0.0.0.0": every interface)
     port: int = 50051  # 0: any free port (see ExplainServer.port)
     metrics_port: Optional[int] = None  # None: no metrics endpoint; 0: any free port
-    workers: int = 2  # explanations running at once
+    workers: int = 2  # expensive explanations running at once
+    cheap_workers: int = 4  # threads beyond those for cheap requests (at most cheap_passes passes), e.g. FEM
     queue_size: int = 64  # requests waiting for a worker before RESOURCE_EXHAUSTED
     batch_size: int = 64  # masked images per engine call
     backend: str = "onnxruntime"
@@ -51,7 +52,7 @@ class ServerConfig:
     # this window share one engine batch (0: only what is already waiting; None: batching off).
     max_queue_delay_ms: Optional[float] = 2.0
     # Requests whose cost is at most this many forward passes are "cheap": they go first (shortest
-    # expected first, with aging) and keep one worker of their own.
+    # expected first, with aging) and have the cheap_workers threads to themselves.
     cheap_passes: int = 8
 
     def grpc_options(self) -> list[tuple[str, int]]:

@@ -93,7 +93,8 @@ class ModelRepository:
             else:  # the batcher's executor is the one caller of the engine: no lock around explanations
                 on_batch = None if self._on_batch is None else (
                     lambda calls, rows, model=name: self._on_batch(model, calls, rows))
-                explainer.engine = wrap(explainer.engine, self.max_queue_delay_s, name, on_batch)
+                explainer.engine = wrap(explainer.engine, self.max_queue_delay_s, name, on_batch,
+                                        express=self._express_engine(path, explainer))
                 lock = None
             with self._lock:
                 self._models[name] = LoadedModel(name, path, explainer, lock)
@@ -109,6 +110,19 @@ class ModelRepository:
             )
         self.ready = True
         return self.names()
+
+    def _express_engine(self, path: str, explainer: Explainer):
+        """A second ONNX Runtime session (one intra-op thread) for cheap requests' calls; None for other engines.
+
+        Its own thread pool is the point: a one-image run on the main session would wait behind each
+        operator of a 64-image chunk (concurrent runs of one session share its pool).
+        """
+        if explainer.engine.backend != "onnxruntime":
+            return None
+        from ..runtime import load_engine
+
+        options = {**self.engine_options, "threads": 1}
+        return load_engine(path, max_batch=self.batch_size, **options)
 
     def names(self) -> list[str]:
         with self._lock:

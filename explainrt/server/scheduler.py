@@ -9,9 +9,10 @@ while it runs). The scheduler uses both:
   arrives while a 500-pass Score-CAM request waits overtakes it; the Score-CAM request in turn
   waits at most about its own run time longer than first-come-first-served would make it, so
   nothing starves. ``Job.priority`` (higher first) orders before the key.
-- **A lane for cheap requests.** Jobs of at most ``cheap_passes`` passes may use every worker;
-  expensive ones at most ``workers - 1`` (with two or more workers), so a cheap request never
-  waits for a 500-pass request to finish.
+- **A lane for cheap requests.** Jobs of at most ``cheap_passes`` passes may use every worker
+  thread; expensive ones at most ``workers`` of them. The ``cheap_workers`` threads beyond those
+  are the cheap lane: a one-pass request never waits for a 500-pass request to finish, and
+  several run at once, so their engine calls can share batches (``batcher``).
 - **A memory budget.** The jobs running at once hold at most ``memory_budget`` bytes together;
   a job that does not fit waits (jobs behind it that fit may start meanwhile, unless it has
   waited longer than its own expected run time); one that could never fit is refused at once.
@@ -119,20 +120,25 @@ class Job:
 
 
 class Scheduler:
-    """Runs jobs on ``workers`` threads from a queue of at most ``queue_size`` waiting jobs.
+    """Runs jobs on ``workers + cheap_workers`` threads from a queue of at most ``queue_size`` waiting jobs.
 
-    ``cheap_passes``: jobs of at most this cost form the cheap lane. ``memory_budget``: bytes the
+    At most ``workers`` expensive jobs run at once; ``cheap_passes``: jobs of at most this cost
+    form the cheap lane, which may use every thread. ``memory_budget``: bytes the
     running jobs may hold together (None: no budget). ``on_start(job)`` is called on the worker
     as a job starts (metrics of queue wait).
     """
 
     def __init__(self, workers: int, queue_size: int, name: str = "explainrt-worker", cheap_passes: float = 8,
-                 memory_budget: Optional[int] = None, on_start: Optional[Callable[[Job], None]] = None):
+                 cheap_workers: int = 0, memory_budget: Optional[int] = None,
+                 on_start: Optional[Callable[[Job], None]] = None):
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         if queue_size < 1:
             raise ValueError(f"queue_size must be >= 1, got {queue_size}")
+        if cheap_workers < 0:
+            raise ValueError(f"cheap_workers must be >= 0, got {cheap_workers}")
         self.workers = int(workers)
+        self.cheap_workers = int(cheap_workers)
         self.queue_size = int(queue_size)
         self.cheap_passes = float(cheap_passes)
         self.memory_budget = memory_budget
@@ -145,7 +151,7 @@ class Scheduler:
         self._running = 0
         self._running_expensive = 0
         self._memory_in_use = 0
-        self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(workers)]
+        self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(workers + cheap_workers)]
         for thread in self._threads:
             thread.start()
 
@@ -232,8 +238,8 @@ class Scheduler:
 
     # ---- choosing ---------------------------------------------------------------------------
     def _eligible(self, job: Job) -> bool:
-        if not self.cheap(job) and self.workers > 1 and self._running_expensive >= self.workers - 1:
-            return False  # the last worker is kept for cheap requests
+        if not self.cheap(job) and self._running_expensive >= self.workers:
+            return False  # the other threads are the cheap lane
         return self.memory_budget is None or self._memory_in_use + job.memory <= self.memory_budget
 
     def _next(self) -> Optional[Job]:

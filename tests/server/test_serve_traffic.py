@@ -116,7 +116,7 @@ def test_priority_out_of_range_is_invalid_argument(server, client):
 
 def test_expired_requests_do_not_keep_their_queue_slot(model_dir):
     """One worker busy, a queue of 2 filled with requests whose deadline passes: a new one is still taken."""
-    srv = start_server(model_dir, workers=1, queue_size=2)
+    srv = start_server(model_dir, workers=1, cheap_workers=0, queue_size=2)
     try:
         with ExplainClient(f"127.0.0.1:{srv.port}", model="tiny", retries=0) as client:
             image = np.zeros((32, 32, 3), np.uint8)
