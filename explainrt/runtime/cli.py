@@ -15,9 +15,9 @@ def cmd_build(args) -> int:
         raise InvalidInputError(f"expected an exported .onnx model, got {args.model}")
     output = args.output or default_plan_path(args.model, args.max_batch, args.fp16)
     info = build_plan(args.model, output, max_batch=args.max_batch, fp16=args.fp16, opt_batch=args.opt_batch,
-                      workspace_gb=args.workspace_gb, timing_cache=args.timing_cache)
+                      workspace_gb=args.workspace_gb, timing_cache=args.timing_cache, tf32=args.tf32)
     build = info["build"]
-    print(f"wrote {output} ({'fp16' if build['fp16'] else 'fp32'}, batch 1..{build['max_batch']}, "
+    print(f"wrote {output} ({'fp16' if build['fp16'] else 'fp32'}{', tf32' if build['tf32'] else ''}, batch 1..{build['max_batch']}, "
           f"opt {build['opt_batch']}, TensorRT {build['tensorrt']}, {build['build_seconds']} s) "
           f"and {os.path.basename(output)}.json")
     return 0
@@ -29,6 +29,8 @@ def register(subparsers) -> None:
     p.add_argument("model", help="exported .onnx model (from `explainrt export`)")
     p.add_argument("-o", "--output", help="output .plan (default: MODEL.b<max-batch>.<fp16|fp32>.plan)")
     p.add_argument("--fp16", action="store_true", help="half precision (TensorRT 11: via an FP16 ONNX copy)")
+    p.add_argument("--tf32", action="store_true",
+                   help="let FP32 layers use TF32 (faster on Ampere+, ~1e-3 off; default: full FP32, recorded in the .json)")
     p.add_argument("--max-batch", type=int, default=64, help="largest batch the plan accepts (default 64)")
     p.add_argument("--opt-batch", type=int, default=None, help="batch TensorRT tunes for (default: --max-batch)")
     p.add_argument("--workspace-gb", type=float, default=None, help="builder workspace limit in GiB")

@@ -16,7 +16,7 @@ def test_build_is_a_cli_subcommand(capsys):
         cli.main(["build", "--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("--fp16", "--max-batch", "--opt-batch", "--timing-cache", "--output"):
+    for flag in ("--fp16", "--tf32", "--max-batch", "--opt-batch", "--timing-cache", "--output"):
         assert flag in out
 
 
