@@ -178,11 +178,12 @@ def measure_overhead(url: str, model: str, method: str, image: np.ndarray, batch
 
 
 def run_mixed(url: str, image: np.ndarray, clients: int, duration: float, mix: dict, deadline: float,
-              seed: int = 0) -> dict:
+              seed: int = 0, warmup: float = 0.0) -> dict:
     """``clients`` clients send back to back for ``duration`` s, each request's method drawn from ``mix``.
 
     Every request has a ``deadline`` (s). Returns per-method latency percentiles, completions per
-    second, deadline misses and other errors by code.
+    second, deadline misses and other errors by code, over the requests sent after the first
+    ``warmup`` seconds (the burst of every client's first request at once is not steady state).
     """
     from explainrt.client import ExplainClient, RemoteError
 
@@ -190,6 +191,7 @@ def run_mixed(url: str, image: np.ndarray, clients: int, duration: float, mix: d
     weights = np.asarray(weights, np.float64) / sum(weights)
     latencies: dict = {m: [] for m in names}
     codes: dict = {m: {} for m in names}
+    server_side: dict = {m: [] for m in names}  # (queue_s, base_pass_s, total_s) the server reports
     lock = threading.Lock()
     start = threading.Barrier(clients + 1)
 
@@ -198,25 +200,31 @@ def run_mixed(url: str, image: np.ndarray, clients: int, duration: float, mix: d
         with ExplainClient(url, timeout=deadline, retries=0) as client:
             client.health()
             start.wait()
-            end = time.perf_counter() + duration
+            begin = time.perf_counter()
+            end = begin + warmup + duration
             while time.perf_counter() < end:
                 method = names[int(rng.choice(len(names), p=weights))]
                 t0 = time.perf_counter()
+                counted = t0 - begin >= warmup
                 try:
-                    client.explain(image, method, timeout=deadline)
+                    result = client.explain(image, method, timeout=deadline)
                     code = "OK"
                 except RemoteError as exc:
                     code = exc.code
+                if not counted:
+                    continue
                 with lock:
                     codes[method][code] = codes[method].get(code, 0) + 1
                     if code == "OK":
                         latencies[method].append(time.perf_counter() - t0)
+                        server_side[method].append((result.timings["queue_s"], result.timings["base_pass_s"],
+                                                    result.timings["total_s"]))
 
     threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(clients)]
     for thread in threads:
         thread.start()
     start.wait()
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() + warmup
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - t0
@@ -225,8 +233,12 @@ def run_mixed(url: str, image: np.ndarray, clients: int, duration: float, mix: d
         lat = latencies[m]
         per_method[m] = {"ok": len(lat), "ok_per_s": len(lat) / wall, "codes": codes[m],
                          "deadline_exceeded": codes[m].get("DEADLINE_EXCEEDED", 0),
-                         "p50_ms": percentile(lat, 50) * 1e3, "p99_ms": percentile(lat, 99) * 1e3}
-    return {"clients": clients, "wall_s": wall, "mix": mix, "deadline_s": deadline, "methods": per_method}
+                         "p50_ms": percentile(lat, 50) * 1e3, "p99_ms": percentile(lat, 99) * 1e3,
+                         "queue_p50_ms": percentile([t[0] for t in server_side[m]], 50) * 1e3,
+                         "base_pass_p50_ms": percentile([t[1] for t in server_side[m]], 50) * 1e3,
+                         "server_p50_ms": percentile([t[2] for t in server_side[m]], 50) * 1e3}
+    return {"clients": clients, "wall_s": wall, "warmup_s": warmup, "mix": mix, "deadline_s": deadline,
+            "methods": per_method}
 
 
 def solo_p50(url: str, image: np.ndarray, method: str, count: int = 20) -> float:
@@ -250,7 +262,8 @@ def scenario_mixed(args, models, image) -> list:
         try:
             url = f"127.0.0.1:{server.port}"
             solo = solo_p50(url, image, "fem")
-            result = run_mixed(url, image, args.mixed_clients, args.mixed_duration, mix, args.deadline)
+            result = run_mixed(url, image, args.mixed_clients, args.mixed_duration, mix, args.deadline,
+                               warmup=args.warmup)
         finally:
             server.stop()
         result.update(server=label, fem_solo_p50_ms=solo)
@@ -263,7 +276,7 @@ def scenario_mixed(args, models, image) -> list:
 
 def print_mixed(rows) -> None:
     header = (f"{'server':<22} {'method':<9} {'ok':>5} {'ok/s':>6} {'p50 ms':>9} {'p99 ms':>9} {'p99/solo':>8} "
-              f"{'missed':>6} {'other errors':<24}")
+              f"{'missed':>6} {'queue p50':>9} {'server p50':>10} {'other errors':<14}")
     print(header)
     print("-" * len(header))
     for row in rows:
@@ -271,10 +284,13 @@ def print_mixed(rows) -> None:
             ratio = m["p99_ms"] / row["fem_solo_p50_ms"] if method == "fem" else float("nan")
             other = {k: v for k, v in m["codes"].items() if k not in ("OK", "DEADLINE_EXCEEDED")}
             print(f"{row['server']:<22} {method:<9} {m['ok']:>5} {m['ok_per_s']:>6.2f} {m['p50_ms']:>9.0f} "
-                  f"{m['p99_ms']:>9.0f} {ratio:>8.1f} {m['deadline_exceeded']:>6} {json.dumps(other):<24}")
+                  f"{m['p99_ms']:>9.0f} {ratio:>8.1f} {m['deadline_exceeded']:>6} {m['queue_p50_ms']:>9.0f} "
+                  f"{m['server_p50_ms']:>10.0f} {json.dumps(other):<14}")
     if rows:
-        print(f"{rows[0]['clients']} clients for {rows[0]['wall_s']:.0f} s, deadline {rows[0]['deadline_s']:g} s; "
-              "p99/solo = FEM p99 under the mix / FEM p50 alone on the same server; missed = DEADLINE_EXCEEDED")
+        print(f"{rows[0]['clients']} clients, requests sent after a {rows[0]['warmup_s']:g} s warm-up, over "
+              f"{rows[0]['wall_s']:.0f} s until the last finished; deadline {rows[0]['deadline_s']:g} s; "
+              "p99/solo = FEM p99 under the mix / FEM p50 alone on the same server; missed = DEADLINE_EXCEEDED; "
+              "queue and server p50: what the server reports (waiting for a worker; arrival to response)")
 
 
 def scenario_batching(args, models, image, levels) -> list:
@@ -329,6 +345,9 @@ def main(argv=None) -> int:
     parser.add_argument("--mixed-clients", type=int, default=32)
     parser.add_argument("--mixed-duration", type=float, default=60.0)
     parser.add_argument("--deadline", type=float, default=30.0, help="per-request deadline of the mixed load (s)")
+    parser.add_argument("--warmup", type=float, default=5.0,
+                        help="mixed load: seconds of load before requests are counted (every client's first request "
+                             "arrives at once)")
     parser.add_argument("--queue-delay-ms", type=float, default=2.0, help="--max-queue-delay-ms of the batching run")
     parser.add_argument("--baseline-tree", default=None,
                         help="a checkout of an earlier explainrt (e.g. `git worktree add /tmp/base 1c50bde`) whose "

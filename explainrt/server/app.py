@@ -56,7 +56,8 @@ class ExplainServer:
         self.metrics = ServerMetrics(lambda: self.scheduler.depth, lambda: self.scheduler.running)
         delay = None if config.max_queue_delay_ms is None else config.max_queue_delay_ms / 1e3
         self.models = ModelRepository(config.models, batch_size=config.batch_size, max_queue_delay_s=delay,
-                                      on_batch=self.metrics.observe_batch, **config.engine_options())
+                                      on_batch=self.metrics.observe_batch, bulk_nice=config.bulk_nice,
+                                      **config.engine_options())
         self.scheduler = Scheduler(config.workers, config.queue_size, cheap_passes=config.cheap_passes,
                                    cheap_workers=config.cheap_workers,
                                    memory_budget=config.memory_budget_mib * MIB)

@@ -18,9 +18,9 @@ runs only calls of cheap requests, so a one-pass request never waits behind a fu
 500-pass one (the server gives ONNX Runtime models one, a session with one intra-op thread).
 
 A failure of a merged call is retried call by call, so one request's bad input fails that
-request only. On a GPU the executor runs on its own thread and CUDA stream: each call's inputs
-are made ready for it with an event recorded on the caller's stream, and the caller's stream
-waits for the executor's work before it reads the outputs (``_StreamHandoff``).
+request only. On a GPU the executor runs on its own thread and CUDA stream: inputs and outputs
+cross between the threads through the engine contract's ``handoff``/``receive`` (an event on
+the producer's stream that the consumer's stream waits for; nothing to do on the CPU).
 """
 from __future__ import annotations
 
@@ -28,11 +28,10 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import logging
+import os
 import threading
 import time
 from typing import Any, Optional, Sequence
-
-import numpy as np
 
 from ..runtime.base import Engine
 from .logs import log_event
@@ -61,16 +60,12 @@ def request_scope(engine: Engine, cheap: bool):
 
 @dataclasses.dataclass(eq=False)
 class _Call:
-    x: Any
+    ticket: Any  # Engine.handoff of the caller's input: valid on the executor's stream once received
+    rows: int
     names: list
     cheap: bool
     arrived: float
     future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
-    ready: Any = None  # GPU: event recorded on the caller's stream after its inputs were written
-
-    @property
-    def rows(self) -> int:
-        return int(self.x.shape[0])
 
 
 class BatchStats:
@@ -95,7 +90,7 @@ class BatchingEngine(Engine):
     """``engine`` with the calls of concurrent requests merged into shared engine batches."""
 
     def __init__(self, engine: Engine, max_queue_delay_s: float = 0.002, express: Optional[Engine] = None,
-                 name: str = "model", on_batch=None):
+                 name: str = "model", on_batch=None, bulk_nice: int = 0):
         super().__init__(engine.metadata, engine.max_batch)
         self.engine = engine
         self.xp = engine.xp
@@ -105,12 +100,12 @@ class BatchingEngine(Engine):
         self.max_queue_delay_s = max(0.0, float(max_queue_delay_s))
         self.stats = BatchStats()
         self._on_batch = on_batch  # on_batch(calls, rows) after each engine call (metrics)
-        self._handoff = _StreamHandoff(engine.xp)
         self._queue: list[_Call] = []
         self._cond = threading.Condition()
         self._requests = 0  # requests in flight that may send calls
         self._waiting = 0  # of them, blocked on a call of theirs
         self._closed = False
+        self.bulk_nice = bulk_nice if express is not None else 0
         self._threads = [threading.Thread(target=self._execute, args=(False,), name=f"explainrt-batch-{name}",
                                           daemon=True)]
         self.express = express  # the express executor's own engine instance (its own threads / stream)
@@ -130,8 +125,9 @@ class BatchingEngine(Engine):
         return self.engine.outputs
 
     def _run(self, inputs: dict, output_names: Sequence[str]) -> dict:
-        call = _Call(inputs[self.metadata.input_name], list(output_names), getattr(_context, "cheap", False),
-                     time.perf_counter(), ready=self._handoff.record())
+        x = inputs[self.metadata.input_name]
+        call = _Call(self.engine.handoff({"x": x}), int(x.shape[0]), list(output_names),
+                     getattr(_context, "cheap", False), time.perf_counter())
         with self._cond:
             if self._closed:
                 raise RuntimeError("the engine is closed")
@@ -139,12 +135,11 @@ class BatchingEngine(Engine):
             self._waiting += 1
             self._cond.notify_all()
         try:
-            out, done = call.future.result()
+            ticket = call.future.result()
         finally:
             with self._cond:
                 self._waiting -= 1
-        self._handoff.wait(done)
-        return out
+        return self.engine.receive(ticket)
 
     def close(self) -> None:
         with self._cond:
@@ -167,9 +162,14 @@ class BatchingEngine(Engine):
             self._cond.notify_all()
 
     # ---- the executor ---------------------------------------------------------------------------
+    def _mine(self, call: _Call, express: bool) -> bool:
+        """Whether an executor takes ``call``: with an express executor, cheap calls are its alone (a
+        one-image call merged into a 64-image batch would wait for all of it)."""
+        return call.cheap == express if self.express is not None else True
+
     def _take(self, express: bool) -> list[_Call]:
         """Calls for one engine batch (under the lock): cheap requests' calls first, then by arrival."""
-        queue = [c for c in self._queue if c.cheap] if express else self._queue
+        queue = [c for c in self._queue if self._mine(c, express)]
         if not queue:
             return []
         order = sorted(queue, key=lambda c: (not c.cheap, c.arrived))
@@ -193,9 +193,11 @@ class BatchingEngine(Engine):
         return rows < self.max_batch and self._requests > self._waiting
 
     def _execute(self, express: bool) -> None:
+        if not express:
+            lower_thread_priority(self.bulk_nice)
         while True:
             with self._cond:
-                while not self._closed and not any(c.cheap or not express for c in self._queue):
+                while not self._closed and not any(self._mine(c, express) for c in self._queue):
                     self._cond.wait()
                 if self._closed:
                     self._fail_all()
@@ -218,9 +220,8 @@ class BatchingEngine(Engine):
         names = list(dict.fromkeys(n for call in batch for n in call.names))
         rows = sum(call.rows for call in batch)
         try:
-            for call in batch:
-                self._handoff.before(call.ready)
-            x = batch[0].x if len(batch) == 1 else self.xp.concatenate([call.x for call in batch], axis=0)
+            xs = [self.engine.receive(call.ticket)["x"] for call in batch]
+            x = xs[0] if len(batch) == 1 else self.xp.concatenate(xs, axis=0)
             out = engine.run({self.metadata.input_name: x}, names)
         except Exception as exc:
             if len(batch) == 1:
@@ -233,12 +234,11 @@ class BatchingEngine(Engine):
         self.stats.add(len(batch), rows)
         if self._on_batch is not None:
             self._on_batch(len(batch), rows)
-        done = self._handoff.record()
         start = 0
         for call in batch:
             stop = start + call.rows
             part = {n: out[n] if len(batch) == 1 else out[n][start:stop] for n in call.names}
-            call.future.set_result((part, done))
+            call.future.set_result(self.engine.handoff(part))
             start = stop
 
     def _fail_all(self) -> None:
@@ -247,34 +247,45 @@ class BatchingEngine(Engine):
         self._queue.clear()
 
 
-class _StreamHandoff:
-    """Stream order across threads on a GPU; nothing to do for NumPy engines.
+def lower_thread_priority(nice: int) -> bool:
+    """Raise the calling thread's nice value by ``nice`` (Linux: per thread; threads it starts inherit it).
 
-    CuPy's current stream is per thread: the caller's inputs are written on its stream and the
-    executor runs the engine on its own. ``record()`` marks "everything so far on this thread's
-    stream"; ``before(event)`` makes the executor's stream wait for a caller's event;
-    ``wait(event)`` makes the caller's stream wait for the executor's.
+    The bulk executor runs at a lower CPU priority than the express one, so that on a machine whose
+    cores are all busy with a 64-image chunk, a one-image call still gets a core when it needs one.
+    Lowering needs no privilege; False where the platform has no per-thread priority.
     """
+    if nice <= 0 or not hasattr(os, "setpriority"):
+        return False
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+        return True
+    except OSError:
+        return False
 
-    def __init__(self, xp):
-        self.cupy = None if xp is np else xp
 
-    def record(self):
-        if self.cupy is None:
-            return None
-        event = self.cupy.cuda.Event(block=False, disable_timing=True)
-        event.record(self.cupy.cuda.get_current_stream())
-        return event
+def in_low_priority_thread(fn, nice: int):
+    """``fn()`` on a new thread whose priority is lowered by ``nice`` first (so are the threads ``fn`` starts:
+    an ONNX Runtime session made there has its intra-op thread pool at that priority)."""
+    box: dict = {}
 
-    def before(self, event) -> None:
-        if event is not None:
-            self.cupy.cuda.get_current_stream().wait_event(event)
+    def run():
+        lower_thread_priority(nice)
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 (re-raised on the caller's thread)
+            box["error"] = exc
 
-    wait = before
+    thread = threading.Thread(target=run, name="explainrt-load-low-priority")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def wrap(engine: Engine, max_queue_delay_s: Optional[float], name: str, on_batch=None,
-         express: Optional[Engine] = None) -> Engine:
+         express: Optional[Engine] = None, bulk_nice: int = 0) -> Engine:
     """``engine`` behind a batcher, or itself when batching is off (``max_queue_delay_s`` None).
 
     ``express``: a second instance of the model for the express executor. It must be a separate
@@ -284,4 +295,4 @@ def wrap(engine: Engine, max_queue_delay_s: Optional[float], name: str, on_batch
     if max_queue_delay_s is None:
         return engine
     return BatchingEngine(engine, max_queue_delay_s=max_queue_delay_s, express=express, name=name,
-                          on_batch=on_batch)
+                          on_batch=on_batch, bulk_nice=bulk_nice)

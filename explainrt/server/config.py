@@ -54,6 +54,10 @@ class ServerConfig:
     # Requests whose cost is at most this many forward passes are "cheap": they go first (shortest
     # expected first, with aging) and have the cheap_workers threads to themselves.
     cheap_passes: int = 8
+    # With batching on CPU, cheap requests' engine calls run on an ONNX Runtime session of their
+    # own; the main session's threads run this much nicer (Linux per-thread priority), so that a
+    # one-image run still gets a core while a 64-image chunk keeps every core busy. 0: off.
+    bulk_nice: int = 10
 
     def grpc_options(self) -> list[tuple[str, int]]:
         """Channel arguments: message limits and keepalive (pings from clients every >= 10 s are allowed)."""

@@ -11,7 +11,7 @@ from typing import Optional
 
 from ..api import Explainer
 from ..errors import ExplainRTError, InvalidInputError, ModelError
-from .batcher import wrap
+from .batcher import in_low_priority_thread, wrap
 from .logs import log_event
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class ModelRepository:
     """
 
     def __init__(self, directory: str, batch_size: int = 64, max_queue_delay_s: Optional[float] = None,
-                 on_batch=None, **engine_options):
+                 on_batch=None, bulk_nice: int = 0, **engine_options):
         if os.path.isfile(directory):
             raise ModelError(f"--models takes a directory (every exported model in it is served), not the file "
                              f"{directory}; pass its directory: --models {os.path.dirname(directory) or '.'}")
@@ -65,6 +65,7 @@ class ModelRepository:
         self.batch_size = int(batch_size)
         self.max_queue_delay_s = max_queue_delay_s  # None: no cross-request batching
         self._on_batch = on_batch  # on_batch(model, calls, rows), metrics of the batcher
+        self.bulk_nice = bulk_nice  # CPU priority drop of the main session's threads, beside an express session
         self.engine_options = engine_options
         self._models: dict[str, LoadedModel] = {}
         self._lock = threading.Lock()
@@ -82,8 +83,13 @@ class ModelRepository:
             path = os.path.join(self.directory, name + ".onnx")
             t0 = time.perf_counter()
             try:
-                explainer = Explainer(path, batch_size=self.batch_size, max_batch=self.batch_size,
-                                      **self.engine_options)
+                make = lambda: Explainer(path, batch_size=self.batch_size, max_batch=self.batch_size,  # noqa: E731
+                                         **self.engine_options)
+                # With an express lane, the main session's thread pool runs at a lower CPU priority
+                # (made on a thread whose priority is lowered: its pool threads inherit it).
+                express_lane = self.max_queue_delay_s is not None and self.engine_options.get(
+                    "backend", "onnxruntime") == "onnxruntime" and self.bulk_nice > 0
+                explainer = in_low_priority_thread(make, self.bulk_nice) if express_lane else make()
             except ModelError as exc:
                 skipped.append(name)
                 log_event(log, "model_skipped", logging.WARNING, model=name, path=path, reason=str(exc))
@@ -94,7 +100,7 @@ class ModelRepository:
                 on_batch = None if self._on_batch is None else (
                     lambda calls, rows, model=name: self._on_batch(model, calls, rows))
                 explainer.engine = wrap(explainer.engine, self.max_queue_delay_s, name, on_batch,
-                                        express=self._express_engine(path, explainer))
+                                        express=self._express_engine(path, explainer), bulk_nice=self.bulk_nice)
                 lock = None
             with self._lock:
                 self._models[name] = LoadedModel(name, path, explainer, lock)
@@ -121,7 +127,7 @@ class ModelRepository:
             return None
         from ..runtime import load_engine
 
-        options = {**self.engine_options, "threads": 1}
+        options = dict(self.engine_options)
         return load_engine(path, max_batch=self.batch_size, **options)
 
     def names(self) -> list[str]:

@@ -262,6 +262,33 @@ def test_a_failing_call_fails_only_its_own_request(tiny_engine):
         batcher.close()
 
 
+def test_arrays_cross_threads_through_the_engines_handoff_and_receive(tiny_engine):
+    """Stream order on a GPU: inputs are handed off on the caller's thread and received on the executor's,
+    outputs the other way round (Engine.handoff/receive; pass-throughs on the CPU)."""
+    from explainrt.server.batcher import BatchingEngine, request_scope
+
+    events = []
+
+    class Tracing(_RecordingEngine):
+        def handoff(self, arrays):
+            events.append(("handoff", sorted(arrays), threading.current_thread().name))
+            return self.inner.handoff(arrays)
+
+        def receive(self, item):
+            events.append(("receive", sorted(item.arrays), threading.current_thread().name))
+            return self.inner.receive(item)
+
+    batcher = BatchingEngine(Tracing(tiny_engine), max_queue_delay_s=0.0)
+    try:
+        with request_scope(batcher, cheap=False):
+            batcher.infer(np.zeros((2, 3, 32, 32), np.float32), [tiny_engine.metadata.probs_output])
+    finally:
+        batcher.close()
+    me, probs = threading.current_thread().name, [tiny_engine.metadata.probs_output]
+    assert [(kind, names, thread == me) for kind, names, thread in events] == [
+        ("handoff", ["x"], True), ("receive", ["x"], False), ("handoff", probs, False), ("receive", probs, True)]
+
+
 def test_a_lone_request_does_not_wait_for_the_batching_window(tiny_engine):
     from explainrt.server.batcher import BatchingEngine, request_scope
 
