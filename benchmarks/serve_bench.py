@@ -79,8 +79,17 @@ class ServerProcess:
         if not match:
             raise RuntimeError(f"server did not start: {line!r}")
         self.port = int(match.group(1))
+        metrics = re.search(r"metrics on :(\d+)", line)
+        self.metrics_port = int(metrics.group(1)) if metrics else None
         if "serving" not in self.proc.stdout.readline():
             raise RuntimeError("server did not load its model")
+
+    def counter(self, name: str) -> float:
+        """The sum of a Prometheus counter's samples on the server's /metrics (needs --metrics-port)."""
+        import urllib.request
+
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
+        return sum(float(v) for v in re.findall(rf"^{name}_total{{[^}}]*}} (\S+)$", text, re.M))
 
     def stop(self):
         self.proc.send_signal(signal.SIGTERM)
@@ -298,13 +307,19 @@ def scenario_batching(args, models, image, levels) -> list:
     servers = {"off": ServerProcess(models, args.workers, args.batch_size, queue_size=max(64, 2 * max(levels)),
                                     extra=["--max-queue-delay-ms", "off"]),
                "on": ServerProcess(models, args.workers, args.batch_size, queue_size=max(64, 2 * max(levels)),
-                                   extra=["--max-queue-delay-ms", str(args.queue_delay_ms)])}
+                                   extra=["--max-queue-delay-ms", str(args.queue_delay_ms), "--metrics-port", "0"])}
     rows = []
     try:
         for concurrency in levels:
             row = {"concurrency": concurrency}
             for label, server in servers.items():
+                before = (server.counter("explainrt_batched_rows"), server.counter("explainrt_batched_engine_calls")) \
+                    if server.metrics_port else None
                 r = run_level(f"127.0.0.1:{server.port}", "fem", image, concurrency, args.duration)
+                if before is not None:  # images per engine call of the batcher during this level
+                    rows_run = server.counter("explainrt_batched_rows") - before[0]
+                    calls = server.counter("explainrt_batched_engine_calls") - before[1]
+                    r["images_per_engine_call"] = rows_run / calls if calls else float("nan")
                 row[label] = r
             rows.append(row)
             print(f"batching c={concurrency}: off {row['off']['throughput_rps']:.1f}/s, "
@@ -317,16 +332,18 @@ def scenario_batching(args, models, image, levels) -> list:
 
 def print_batching(rows, delay_ms: float) -> None:
     header = (f"{'clients':>7} {'off req/s':>9} {'on req/s':>9} {'on/off':>6} {'off p50':>8} {'on p50':>8} "
-              f"{'off p99':>8} {'on p99':>8} {'err':>3}")
+              f"{'off p99':>8} {'on p99':>8} {'err':>3} {'img/call':>8}")
     print(header)
     print("-" * len(header))
     for row in rows:
         off, on = row["off"], row["on"]
         print(f"{row['concurrency']:>7} {off['throughput_rps']:>9.1f} {on['throughput_rps']:>9.1f} "
               f"{on['throughput_rps'] / off['throughput_rps']:>6.2f} {off['p50_ms']:>8.1f} {on['p50_ms']:>8.1f} "
-              f"{off['p99_ms']:>8.1f} {on['p99_ms']:>8.1f} {off['errors'] + on['errors']:>3}")
+              f"{off['p99_ms']:>8.1f} {on['p99_ms']:>8.1f} {off['errors'] + on['errors']:>3} "
+              f"{on.get('images_per_engine_call', float('nan')):>8.2f}")
     print(f"FEM (1 forward pass per request); on = --max-queue-delay-ms {delay_ms:g}, off = --max-queue-delay-ms off; "
-          "the two servers alternate level by level; latencies in ms")
+          "the two servers alternate level by level; latencies in ms; img/call = images per engine call of the "
+          "batching server's batcher (base passes of different requests merged)")
 
 
 def main(argv=None) -> int:
