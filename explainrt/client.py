@@ -146,13 +146,16 @@ class ExplainClient:
     def request(self, image: ImageInput, method: str = "sidu", target: Union[None, int, Sequence[int]] = None,
                 params: Optional[dict] = None, model: Optional[str] = None, saliency_dtype: str = "float32",
                 original_size: bool = False, overlay: bool = False, top_k: Optional[int] = None,
-                request_id: str = ""):
+                request_id: str = "", priority: int = 0):
         """Build an ``ExplainRequest`` (explain/stream arguments documented there)."""
         from .imaging import read_image_bytes
         from .proto.codec import array_to_tensor, dtype_code
 
         pb = self.pb
-        req = pb.ExplainRequest(model=model or self.model or "", method=method, request_id=request_id)
+        if isinstance(priority, bool) or not isinstance(priority, (int, np.integer)) or not -10 <= priority <= 10:
+            raise InvalidInputError(f"priority must be an int in -10..10 (higher runs first), got {priority!r}")
+        req = pb.ExplainRequest(model=model or self.model or "", method=method, request_id=request_id,
+                                priority=int(priority))
         if isinstance(image, (str, os.PathLike)):
             req.encoded = read_image_bytes(image)
         elif isinstance(image, (bytes, bytearray, memoryview)):
@@ -186,16 +189,17 @@ class ExplainClient:
     def explain(self, image: ImageInput, method: str = "sidu", target: Union[None, int, Sequence[int]] = None,
                 params: Optional[dict] = None, model: Optional[str] = None, saliency_dtype: str = "float32",
                 original_size: bool = False, overlay: bool = False, top_k: Optional[int] = None,
-                timeout: Optional[float] = None, request_id: str = "") -> RemoteExplanation:
+                timeout: Optional[float] = None, request_id: str = "", priority: int = 0) -> RemoteExplanation:
         """Explain one image on the server.
 
         ``image``: a file path (sent as encoded bytes), encoded bytes, a uint8 H×W×3 array, or a
         preprocessed float32 (3, H, W) array. ``params`` are method parameters (values JSON-encoded
         unless already strings). ``original_size``: maps at the image's size instead of the
-        model's; ``overlay``: also return a PNG overlay; ``top_k``: predictions (server default 5).
+        model's; ``overlay``: also return a PNG overlay; ``top_k``: predictions (server default 5);
+        ``priority`` (-10..10): higher runs first among the requests waiting on the server.
         """
         req = self.request(image, method, target, params, model, saliency_dtype, original_size, overlay, top_k,
-                           request_id)
+                           request_id, priority)
         t0 = time.perf_counter()
         response = self._unary(self.stub.Explain, req, timeout)
         return _explanation(response, time.perf_counter() - t0)

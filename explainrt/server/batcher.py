@@ -38,6 +38,9 @@ from .logs import log_event
 
 log = logging.getLogger(__name__)
 
+# Express executors run at once (their ONNX Runtime session takes concurrent runs): one batch's
+# Python work (packing, slicing, hand-back) overlaps the other's engine run.
+EXPRESS_EXECUTORS = 2
 _context = threading.local()  # per worker thread: is the request it runs a cheap one
 
 
@@ -104,14 +107,18 @@ class BatchingEngine(Engine):
         self._cond = threading.Condition()
         self._requests = 0  # requests in flight that may send calls
         self._waiting = 0  # of them, blocked on a call of theirs
+        self._executing = 0  # engine runs under way (executors' batches and lone requests' own calls)
+        # Engines without an express instance take one run at a time (TensorRT contexts, torch CUDA graphs).
+        self._max_executing = 1 + EXPRESS_EXECUTORS if express is not None else 1
         self._closed = False
         self.bulk_nice = bulk_nice if express is not None else 0
         self._threads = [threading.Thread(target=self._execute, args=(False,), name=f"explainrt-batch-{name}",
                                           daemon=True)]
         self.express = express  # the express executor's own engine instance (its own threads / stream)
         if express is not None:
-            self._threads.append(threading.Thread(target=self._execute, args=(True,),
-                                                  name=f"explainrt-batch-{name}-express", daemon=True))
+            self._threads += [threading.Thread(target=self._execute, args=(True,), daemon=True,
+                                               name=f"explainrt-batch-{name}-express-{i}")
+                              for i in range(EXPRESS_EXECUTORS)]
         for thread in self._threads:
             thread.start()
 
@@ -125,9 +132,24 @@ class BatchingEngine(Engine):
         return self.engine.outputs
 
     def _run(self, inputs: dict, output_names: Sequence[str]) -> dict:
+        cheap = getattr(_context, "cheap", False)
+        with self._cond:
+            # A lone request runs its calls on its own thread: no hand-over to an executor and back.
+            direct = (not self._closed and self._requests <= 1 and not self._queue and self._executing == 0)
+            if direct:
+                self._executing += 1
+        if direct:
+            try:
+                engine = self.express if cheap and self.express is not None else self.engine
+                out = engine.run(inputs, output_names)
+                self.stats.add(1, int(inputs[self.metadata.input_name].shape[0]))
+                return out
+            finally:
+                with self._cond:
+                    self._executing -= 1
+                    self._cond.notify_all()
         x = inputs[self.metadata.input_name]
-        call = _Call(self.engine.handoff({"x": x}), int(x.shape[0]), list(output_names),
-                     getattr(_context, "cheap", False), time.perf_counter())
+        call = _Call(self.engine.handoff({"x": x}), int(x.shape[0]), list(output_names), cheap, time.perf_counter())
         with self._cond:
             if self._closed:
                 raise RuntimeError("the engine is closed")
@@ -188,7 +210,7 @@ class BatchingEngine(Engine):
             self._queue.remove(call)
         return batch
 
-    def _more_may_come(self, rows: int, calls: int) -> bool:
+    def _more_may_come(self, rows: int) -> bool:
         """Whether waiting could fill the batch: room left, and requests in flight not yet waiting on a call."""
         return rows < self.max_batch and self._requests > self._waiting
 
@@ -202,10 +224,15 @@ class BatchingEngine(Engine):
                 if self._closed:
                     self._fail_all()
                     return
+                while self._executing >= self._max_executing and not self._closed:
+                    self._cond.wait()
                 batch = self._take(express)
+                if not batch:
+                    continue
+                self._executing += 1  # the slot is held from here, the batching window included
                 if self.max_queue_delay_s > 0:
                     end = time.perf_counter() + self.max_queue_delay_s
-                    while self._more_may_come(sum(c.rows for c in batch), len(batch)):
+                    while self._more_may_come(sum(c.rows for c in batch)):
                         left = end - time.perf_counter()
                         if left <= 0:
                             break
@@ -214,7 +241,12 @@ class BatchingEngine(Engine):
                             break
                         self._queue.extend(batch)  # re-pack with what arrived, in rank order
                         batch = self._take(express)
-            self._run_batch(batch, self.express if express else self.engine)
+            try:
+                self._run_batch(batch, self.express if express else self.engine)
+            finally:
+                with self._cond:
+                    self._executing -= 1
+                    self._cond.notify_all()
 
     def _run_batch(self, batch: list[_Call], engine: Engine) -> None:
         names = list(dict.fromkeys(n for call in batch for n in call.names))

@@ -76,6 +76,8 @@ def register(subparsers) -> None:
     p.add_argument("--model", default=None, help="model name (default: the server's only model)")
     add_request_options(p)
     p.add_argument("--timeout", type=positive_float, default=None, help="seconds for the whole run (default: none)")
+    p.add_argument("--priority", type=int, default=0, choices=range(-10, 11), metavar="-10..10",
+                   help="scheduling priority on the server: higher runs first among waiting requests (default 0)")
     p.add_argument("--list-models", action="store_true", help="print the server's models and exit")
     p.add_argument("--health", action="store_true", help="print the server's health status and exit")
     tls = p.add_argument_group("TLS and authentication")
@@ -179,7 +181,8 @@ def cmd_client(args) -> int:
             check_image_path(path)  # a missing file or a directory fails before any request
         jobs = [(path, stem, method) for path, stem in zip(args.images, stems) for method in methods]
         requests = ({"image": path, "method": method, "target": args.target,
-                     "params": params[method], "request_id": f"{os.path.basename(path)}:{method}"}
+                     "params": params[method], "request_id": f"{os.path.basename(path)}:{method}",
+                     "priority": args.priority}
                     for path, _stem, method in jobs)
         show_bar = not args.no_progress
         bars: dict[int, ProgressBar] = {}

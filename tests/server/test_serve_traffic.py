@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from explainrt.client import ExplainClient, RemoteError
+from explainrt.errors import InvalidInputError
 from explainrt.proto.explainrt.v1 import explainrt_pb2 as pb
 from serve_helpers import start_server, wait_for
 
@@ -280,7 +281,7 @@ def test_arrays_cross_threads_through_the_engines_handoff_and_receive(tiny_engin
 
     batcher = BatchingEngine(Tracing(tiny_engine), max_queue_delay_s=0.0)
     try:
-        with request_scope(batcher, cheap=False):
+        with request_scope(batcher, cheap=False), request_scope(batcher, cheap=False):  # two requests in flight
             batcher.infer(np.zeros((2, 3, 32, 32), np.float32), [tiny_engine.metadata.probs_output])
     finally:
         batcher.close()
@@ -292,12 +293,17 @@ def test_arrays_cross_threads_through_the_engines_handoff_and_receive(tiny_engin
 def test_a_lone_request_does_not_wait_for_the_batching_window(tiny_engine):
     from explainrt.server.batcher import BatchingEngine, request_scope
 
-    batcher = BatchingEngine(tiny_engine, max_queue_delay_s=2.0)
+    recorder = _RecordingEngine(tiny_engine)
+    threads = []
+    recorder.run = lambda inputs, names=None: (threads.append(threading.current_thread().name),
+                                               tiny_engine.run(inputs, names))[1]
+    batcher = BatchingEngine(recorder, max_queue_delay_s=2.0)
     try:
         with request_scope(batcher, cheap=True):
             t0 = time.perf_counter()
             batcher.base_pass(np.zeros((1, 3, 32, 32), np.float32))
             assert time.perf_counter() - t0 < 1.0  # nobody else in flight: no 2 s wait
+        assert threads == [threading.current_thread().name]  # and no hand-over to an executor thread
     finally:
         batcher.close()
 
@@ -321,3 +327,70 @@ def test_batched_server_results_equal_unbatched_ones_exactly(model_dir):
     for batched, unbatched in zip(outputs["batched"], outputs["unbatched"]):
         np.testing.assert_array_equal(batched.saliency_maps, unbatched.saliency_maps)
         assert batched.predictions == unbatched.predictions and batched.forward_passes == unbatched.forward_passes
+
+
+def test_an_engine_without_an_express_instance_never_runs_two_calls_at_once(tiny_engine):
+    """TensorRT contexts and torch CUDA graphs take one run at a time: lone-request calls and executor
+    batches must exclude each other."""
+    from explainrt.server.batcher import BatchingEngine, request_scope
+
+    state = {"now": 0, "most": 0}
+    lock = threading.Lock()
+
+    class Exclusive(_RecordingEngine):
+        def run(self, inputs, names=None):
+            with lock:
+                state["now"] += 1
+                state["most"] = max(state["most"], state["now"])
+            time.sleep(0.002)
+            try:
+                return self.inner.run(inputs, names)
+            finally:
+                with lock:
+                    state["now"] -= 1
+
+    batcher = BatchingEngine(Exclusive(tiny_engine), max_queue_delay_s=0.001)
+    x = np.zeros((1, 3, 32, 32), np.float32)
+
+    def request(scoped):
+        def run():
+            for _ in range(10):
+                if scoped:
+                    with request_scope(batcher, cheap=False):
+                        batcher.base_pass(x)
+                else:
+                    batcher.base_pass(x)
+            return True
+        return run
+
+    try:
+        results = _concurrently([request(i % 2 == 0) for i in range(6)])
+        assert results == [True] * 6
+        assert state["most"] == 1
+    finally:
+        batcher.close()
+
+
+def test_priority_travels_from_the_client_and_orders_waiting_requests(model_dir):
+    """One worker busy; a low- and a high-priority RISE wait; the high one runs first."""
+    srv = start_server(model_dir, workers=1, cheap_workers=0, queue_size=4)
+    try:
+        with ExplainClient(f"127.0.0.1:{srv.port}", model="tiny", retries=0) as client:
+            image = np.zeros((32, 32, 3), np.uint8)
+            blocker = client.stub.Explain.future(client.request(image, "rise", params={"n_masks": 3000}), timeout=30)
+            assert wait_for(lambda: srv.scheduler.running == 1)
+            low = client.stub.Explain.future(client.request(image, "rise", params={"n_masks": 200}, priority=-3),
+                                             timeout=30)
+            assert wait_for(lambda: srv.scheduler.depth == 1)
+            high = client.stub.Explain.future(client.request(image, "rise", params={"n_masks": 400}, priority=4),
+                                              timeout=30)
+            assert wait_for(lambda: srv.scheduler.depth == 2)
+            done = []
+            for name, call in (("low", low), ("high", high)):
+                call.add_done_callback(lambda _c, n=name: done.append(n))
+            blocker.result(), low.result(), high.result()
+            assert done == ["high", "low"]  # the costlier but higher-priority request went first
+        with pytest.raises(InvalidInputError, match="priority"):
+            client.request(image, "fem", priority=11)
+    finally:
+        srv.stop(grace=0)
