@@ -142,7 +142,7 @@ class BatchingEngine(Engine):
             try:
                 engine = self.express if cheap and self.express is not None else self.engine
                 out = engine.run(inputs, output_names)
-                self.stats.add(1, int(inputs[self.metadata.input_name].shape[0]))
+                self._count(1, int(inputs[self.metadata.input_name].shape[0]))
                 return out
             finally:
                 with self._cond:
@@ -263,15 +263,18 @@ class BatchingEngine(Engine):
             for call in batch:  # one request's failure must not fail its batch-mates
                 self._run_batch([call], engine)
             return
-        self.stats.add(len(batch), rows)
-        if self._on_batch is not None:
-            self._on_batch(len(batch), rows)
+        self._count(len(batch), rows)
         start = 0
         for call in batch:
             stop = start + call.rows
             part = {n: out[n] if len(batch) == 1 else out[n][start:stop] for n in call.names}
             call.future.set_result(self.engine.handoff(part))
             start = stop
+
+    def _count(self, calls: int, rows: int) -> None:
+        self.stats.add(calls, rows)
+        if self._on_batch is not None:
+            self._on_batch(calls, rows)
 
     def _fail_all(self) -> None:
         for call in self._queue:
