@@ -202,7 +202,6 @@ def run_mixed(url: str, image: np.ndarray, clients: int, duration: float, mix: d
     codes: dict = {m: {} for m in names}
     server_side: dict = {m: [] for m in names}  # (queue_s, base_pass_s, total_s) the server reports
     lock = threading.Lock()
-    start = threading.Barrier(clients + 1)
 
     def client_loop(index: int):
         rng = np.random.default_rng(seed + index)
@@ -229,7 +228,32 @@ def run_mixed(url: str, image: np.ndarray, clients: int, duration: float, mix: d
                         server_side[method].append((result.timings["queue_s"], result.timings["base_pass_s"],
                                                     result.timings["total_s"]))
 
+    health_ms: list = []
+    probing = threading.Event()
+
+    def health_probe():
+        """A liveness probe's view: grpc.health.v1 Check every 100 ms while the load runs."""
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        with grpc.insecure_channel(url) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+            start.wait()
+            time.sleep(warmup)
+            while not probing.is_set():
+                t0 = time.perf_counter()
+                try:
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+                    health_ms.append((time.perf_counter() - t0) * 1e3)
+                except grpc.RpcError:
+                    health_ms.append(float("inf"))
+                time.sleep(0.1)
+
     threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(clients)]
+    start = threading.Barrier(clients + 2)
+    probe = threading.Thread(target=health_probe)
+    probe.start()
     for thread in threads:
         thread.start()
     start.wait()
@@ -237,6 +261,8 @@ def run_mixed(url: str, image: np.ndarray, clients: int, duration: float, mix: d
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - t0
+    probing.set()
+    probe.join()
     per_method = {}
     for m in names:
         lat = latencies[m]
@@ -247,7 +273,8 @@ def run_mixed(url: str, image: np.ndarray, clients: int, duration: float, mix: d
                          "base_pass_p50_ms": percentile([t[1] for t in server_side[m]], 50) * 1e3,
                          "server_p50_ms": percentile([t[2] for t in server_side[m]], 50) * 1e3}
     return {"clients": clients, "wall_s": wall, "warmup_s": warmup, "mix": mix, "deadline_s": deadline,
-            "methods": per_method}
+            "methods": per_method, "health_checks": len(health_ms), "health_p50_ms": percentile(health_ms, 50),
+            "health_p99_ms": percentile(health_ms, 99), "health_max_ms": max(health_ms, default=float("nan"))}
 
 
 def solo_p50(url: str, image: np.ndarray, method: str, count: int = 20) -> float:
@@ -295,6 +322,9 @@ def print_mixed(rows) -> None:
             print(f"{row['server']:<22} {method:<9} {m['ok']:>5} {m['ok_per_s']:>6.2f} {m['p50_ms']:>9.0f} "
                   f"{m['p99_ms']:>9.0f} {ratio:>8.1f} {m['deadline_exceeded']:>6} {m['queue_p50_ms']:>9.0f} "
                   f"{m['server_p50_ms']:>10.0f} {json.dumps(other):<14}")
+    for row in rows:
+        print(f"{row['server']}: health Check every 100 ms during the load: {row['health_checks']} checks, "
+              f"p50 {row['health_p50_ms']:.1f} ms, p99 {row['health_p99_ms']:.1f} ms, max {row['health_max_ms']:.1f} ms")
     if rows:
         print(f"{rows[0]['clients']} clients, requests sent after a {rows[0]['warmup_s']:g} s warm-up, over "
               f"{rows[0]['wall_s']:.0f} s until the last finished; deadline {rows[0]['deadline_s']:g} s; "

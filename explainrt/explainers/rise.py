@@ -21,10 +21,14 @@ class RiseExplainer(Method):
         self.p1 = check_range("p1", p1, low=0, low_open=True, high=1)
         self.seed = None if seed is None else check_range("seed", seed, low=0, kind=int)
 
-    def plan(self, ctx: Context) -> MaskPlan:
-        if self.grid_size > min(ctx.input_hw):
+    def check_input(self, input_hw) -> None:
+        """Refuse a grid finer than the model input (checked before any work by the server too)."""
+        if self.grid_size > min(input_hw):
             raise InvalidInputError(f"parameter grid_size={self.grid_size} is larger than the model input "
-                                    f"{ctx.input_hw[0]}x{ctx.input_hw[1]}; use at most {min(ctx.input_hw)}")
+                                    f"{input_hw[0]}x{input_hw[1]}; use at most {min(input_hw)}")
+
+    def plan(self, ctx: Context) -> MaskPlan:
+        self.check_input(ctx.input_hw)
         grids, offsets, full_hw = rise_grids(self.n_masks, self.grid_size, self.p1, ctx.input_hw, self.seed)
         xp = ctx.xp
         return MaskPlan(masks=xp.asarray(grids), border="reflect", full_hw=full_hw, offsets=xp.asarray(offsets))

@@ -60,6 +60,7 @@ class ExplainServer:
                                       **config.engine_options())
         self.scheduler = Scheduler(config.workers, config.queue_size, cheap_passes=config.cheap_passes,
                                    cheap_workers=config.cheap_workers,
+                                   on_dequeue=lambda job, seconds: self.metrics.observe_queue_wait(job.method, seconds),
                                    memory_budget=config.memory_budget_mib * MIB)
         self.servicer = ExplainServicer(self.models, self.scheduler, self.metrics, ServiceOptions(
             max_response_bytes=config.max_send_mib * MIB, progress_interval_s=config.progress_interval_s,

@@ -15,7 +15,9 @@ own rows. This is Triton's dynamic batcher applied to what explanation traffic s
 but only while other requests for this model are in flight and could still send one (a lone
 request never waits). ``express``: a second engine instance with an executor of its own that
 runs only calls of cheap requests, so a one-pass request never waits behind a full chunk of a
-500-pass one (the server gives ONNX Runtime models one, a session with one intra-op thread).
+500-pass one (the server gives ONNX Runtime models one: a second session, whose thread pool
+runs at normal priority while the main session's runs at a lower one, ``bulk_nice``). Without
+one, a call that has waited ``AGED_CALL_S`` goes first, so cheap calls never starve a full chunk.
 
 A failure of a merged call is retried call by call, so one request's bad input fails that
 request only. On a GPU the executor runs on its own thread and CUDA stream: inputs and outputs
@@ -35,30 +37,36 @@ from typing import Any, Optional, Sequence
 
 from ..runtime.base import Engine
 from .logs import log_event
+from .scheduler import settle
 
 log = logging.getLogger(__name__)
 
 # Express executors run at once (their ONNX Runtime session takes concurrent runs): one batch's
 # Python work (packing, slicing, hand-back) overlaps the other's engine run.
 EXPRESS_EXECUTORS = 2
-_context = threading.local()  # per worker thread: is the request it runs a cheap one
+# A call that has waited this long goes first whatever its lane: without an express instance,
+# a stream of one-image calls would otherwise keep a full chunk (which never fits beside them) waiting.
+AGED_CALL_S = 0.05
+WAIT_SLICE_S = 0.25  # a caller waiting for its call looks at its request's cancel event this often
+_context = threading.local()  # per worker thread: the request it runs (cheap or not, its cancel event)
 
 
 @contextlib.contextmanager
-def request_scope(engine: Engine, cheap: bool):
+def request_scope(engine: Engine, cheap: bool, cancel: Optional[threading.Event] = None):
     """Around one request's explanation on a worker thread: its calls are ranked as ``cheap`` ones,
-    and the engine (when it is a ``BatchingEngine``) knows one more request may send calls."""
-    previous = getattr(_context, "cheap", False)
-    _context.cheap = cheap
+    a call still queued when ``cancel`` is set is withdrawn, and the engine (when it is a
+    ``BatchingEngine``) knows one more request may send calls."""
+    previous = getattr(_context, "cheap", False), getattr(_context, "cancel", None)
+    _context.cheap, _context.cancel = cheap, cancel
     batching = isinstance(engine, BatchingEngine)
     if batching:
-        engine._enter()
+        engine._enter(cheap)
     try:
         yield
     finally:
-        _context.cheap = previous
+        _context.cheap, _context.cancel = previous
         if batching:
-            engine._leave()
+            engine._leave(cheap)
 
 
 @dataclasses.dataclass(eq=False)
@@ -105,8 +113,9 @@ class BatchingEngine(Engine):
         self._on_batch = on_batch  # on_batch(calls, rows) after each engine call (metrics)
         self._queue: list[_Call] = []
         self._cond = threading.Condition()
-        self._requests = 0  # requests in flight that may send calls
-        self._waiting = 0  # of them, blocked on a call of theirs
+        # Requests in flight that may send calls, and of them those blocked on a call, by lane (cheap or not).
+        self._requests = {True: 0, False: 0}
+        self._waiting = {True: 0, False: 0}
         self._executing = 0  # engine runs under way (executors' batches and lone requests' own calls)
         # Engines without an express instance take one run at a time (TensorRT contexts, torch CUDA graphs).
         self._max_executing = 1 + EXPRESS_EXECUTORS if express is not None else 1
@@ -135,7 +144,8 @@ class BatchingEngine(Engine):
         cheap = getattr(_context, "cheap", False)
         with self._cond:
             # A lone request runs its calls on its own thread: no hand-over to an executor and back.
-            direct = (not self._closed and self._requests <= 1 and not self._queue and self._executing == 0)
+            direct = (not self._closed and sum(self._requests.values()) <= 1 and not self._queue
+                      and self._executing == 0)
             if direct:
                 self._executing += 1
         if direct:
@@ -154,14 +164,30 @@ class BatchingEngine(Engine):
             if self._closed:
                 raise RuntimeError("the engine is closed")
             self._queue.append(call)
-            self._waiting += 1
+            self._waiting[cheap] += 1
             self._cond.notify_all()
         try:
-            ticket = call.future.result()
+            ticket = self._wait(call, getattr(_context, "cancel", None))
         finally:
             with self._cond:
-                self._waiting -= 1
+                self._waiting[cheap] -= 1
         return self.engine.receive(ticket)
+
+    def _wait(self, call: _Call, cancel: Optional[threading.Event]):
+        """The call's result; a call still queued when its request is cancelled is withdrawn (Cancelled)."""
+        while True:
+            try:
+                return call.future.result(WAIT_SLICE_S)
+            except concurrent.futures.TimeoutError:
+                if cancel is None or not cancel.is_set():
+                    continue
+                with self._cond:
+                    if call not in self._queue:
+                        continue  # already running: its result comes soon
+                    self._queue.remove(call)
+                from ..explainers.driver import Cancelled
+
+                raise Cancelled("the request was cancelled while its engine call waited for a batch") from None
 
     def close(self) -> None:
         with self._cond:
@@ -174,13 +200,13 @@ class BatchingEngine(Engine):
             self.express.close()
 
     # ---- requests in flight --------------------------------------------------------------------
-    def _enter(self) -> None:
+    def _enter(self, cheap: bool) -> None:
         with self._cond:
-            self._requests += 1
+            self._requests[cheap] += 1
 
-    def _leave(self) -> None:
+    def _leave(self, cheap: bool) -> None:
         with self._cond:
-            self._requests -= 1
+            self._requests[cheap] -= 1
             self._cond.notify_all()
 
     # ---- the executor ---------------------------------------------------------------------------
@@ -194,7 +220,8 @@ class BatchingEngine(Engine):
         queue = [c for c in self._queue if self._mine(c, express)]
         if not queue:
             return []
-        order = sorted(queue, key=lambda c: (not c.cheap, c.arrived))
+        aged = time.perf_counter() - AGED_CALL_S
+        order = sorted(queue, key=lambda c: (c.arrived > aged, not c.cheap, c.arrived))  # aged calls, then cheap
         batch, rows = [], 0
         for call in order:
             if rows + call.rows > self.max_batch:
@@ -210,9 +237,14 @@ class BatchingEngine(Engine):
             self._queue.remove(call)
         return batch
 
-    def _more_may_come(self, rows: int) -> bool:
-        """Whether waiting could fill the batch: room left, and requests in flight not yet waiting on a call."""
-        return rows < self.max_batch and self._requests > self._waiting
+    def _more_may_come(self, rows: int, express: bool) -> bool:
+        """Whether waiting could fill the batch: room left, and requests in flight that could send this
+        executor a call and are not yet waiting on one (with an express instance, only its lane counts)."""
+        if rows >= self.max_batch:
+            return False
+        if self.express is None:
+            return sum(self._requests.values()) > sum(self._waiting.values())
+        return self._requests[express] > self._waiting[express]
 
     def _execute(self, express: bool) -> None:
         if not express:
@@ -232,7 +264,7 @@ class BatchingEngine(Engine):
                 self._executing += 1  # the slot is held from here, the batching window included
                 if self.max_queue_delay_s > 0:
                     end = time.perf_counter() + self.max_queue_delay_s
-                    while self._more_may_come(sum(c.rows for c in batch)):
+                    while self._more_may_come(sum(c.rows for c in batch), express):
                         left = end - time.perf_counter()
                         if left <= 0:
                             break
@@ -243,6 +275,10 @@ class BatchingEngine(Engine):
                         batch = self._take(express)
             try:
                 self._run_batch(batch, self.express if express else self.engine)
+            except BaseException as exc:  # noqa: BLE001 (the executor must outlive any failure)
+                log_event(log, "batch_executor_error", logging.ERROR, error=f"{type(exc).__name__}: {exc}")
+                for call in batch:
+                    settle(call.future, exc)
             finally:
                 with self._cond:
                     self._executing -= 1
@@ -257,18 +293,24 @@ class BatchingEngine(Engine):
             out = engine.run({self.metadata.input_name: x}, names)
         except Exception as exc:
             if len(batch) == 1:
-                batch[0].future.set_exception(exc)
+                settle(batch[0].future, exc)
                 return
             log_event(log, "batch_failed_retrying_alone", logging.WARNING, calls=len(batch), error=str(exc))
             for call in batch:  # one request's failure must not fail its batch-mates
                 self._run_batch([call], engine)
             return
-        self._count(len(batch), rows)
+        try:
+            self._count(len(batch), rows)
+        except Exception as exc:  # noqa: BLE001 (metrics must not fail requests)
+            log_event(log, "batch_metrics_failed", logging.WARNING, error=str(exc))
         start = 0
         for call in batch:
             stop = start + call.rows
-            part = {n: out[n] if len(batch) == 1 else out[n][start:stop] for n in call.names}
-            call.future.set_result(self.engine.handoff(part))
+            try:
+                part = {n: out[n] if len(batch) == 1 else out[n][start:stop] for n in call.names}
+                settle(call.future, result=self.engine.handoff(part))
+            except Exception as exc:  # noqa: BLE001 (this call's hand-back failed: its request alone)
+                settle(call.future, exc)
             start = stop
 
     def _count(self, calls: int, rows: int) -> None:
@@ -278,7 +320,7 @@ class BatchingEngine(Engine):
 
     def _fail_all(self) -> None:
         for call in self._queue:
-            call.future.set_exception(RuntimeError("the engine was closed while this call waited"))
+            settle(call.future, RuntimeError("the engine was closed while this call waited"))
         self._queue.clear()
 
 

@@ -118,7 +118,7 @@ class ModelRepository:
         return self.names()
 
     def _express_engine(self, path: str, explainer: Explainer):
-        """A second ONNX Runtime session (one intra-op thread) for cheap requests' calls; None for other engines.
+        """A second ONNX Runtime session (the same options) for cheap requests' calls; None for other engines.
 
         Its own thread pool is the point: a one-image run on the main session would wait behind each
         operator of a 64-image chunk (concurrent runs of one session share its pool).

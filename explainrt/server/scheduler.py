@@ -18,7 +18,9 @@ while it runs). The scheduler uses both:
   waited longer than its own expected run time); one that could never fit is refused at once.
 - **Dead work leaves at once.** A job whose ``cancel`` is set (the client went away) leaves the
   queue the moment it is set, and a job past its deadline no longer counts against
-  ``queue_size``: a full queue of dead requests never refuses a live one.
+  ``queue_size``: a full queue of dead requests never refuses a live one. An expensive job that
+  could not finish before its deadline even at the fastest pace measured is not started either
+  (DEADLINE_EXCEEDED at once): it would be cancelled half-way, its passes wasted.
 
 A full queue refuses a job at once (``QueueFull`` → RESOURCE_EXHAUSTED) instead of letting
 latency grow without bound. A running job stops between two chunks of masked passes once its
@@ -124,13 +126,13 @@ class Scheduler:
 
     At most ``workers`` expensive jobs run at once; ``cheap_passes``: jobs of at most this cost
     form the cheap lane, which may use every thread. ``memory_budget``: bytes the
-    running jobs may hold together (None: no budget). ``on_start(job)`` is called on the worker
-    as a job starts (metrics of queue wait).
+    running jobs may hold together (None: no budget). ``on_dequeue(job, seconds)`` is called when
+    a job leaves the queue, started or dropped, with the time it waited (metrics of queue wait).
     """
 
     def __init__(self, workers: int, queue_size: int, name: str = "explainrt-worker", cheap_passes: float = 8,
                  cheap_workers: int = 0, memory_budget: Optional[int] = None,
-                 on_start: Optional[Callable[[Job], None]] = None):
+                 on_dequeue: Optional[Callable[[Job, float], None]] = None):
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         if queue_size < 1:
@@ -143,7 +145,10 @@ class Scheduler:
         self.cheap_passes = float(cheap_passes)
         self.memory_budget = memory_budget
         self.seconds_per_pass = INITIAL_SECONDS_PER_PASS
-        self._on_start = on_start
+        # The fastest pace (seconds per pass) any expensive job has shown: a job that cannot finish
+        # even at that pace is hopeless (a lower bound, so a job's fixed overhead never sheds it).
+        self._fastest_per_pass: Optional[float] = None
+        self._on_dequeue = on_dequeue
         self._pending: list[Job] = []
         self._cond = threading.Condition()
         self._accepting = True
@@ -188,14 +193,14 @@ class Scheduler:
     # ---- submitting -----------------------------------------------------------------------
     def submit(self, job: Job) -> concurrent.futures.Future:
         """Queue ``job``; raises ``QueueFull``, ``OverBudget`` or ``ShuttingDown`` at once when it cannot be."""
-        if not self._accepting:
-            raise ShuttingDown("the server is shutting down and takes no new requests; retry on another replica")
         if self.memory_budget is not None and job.memory > self.memory_budget:
             raise OverBudget(
                 f"the request needs about {job.memory / 2**20:.0f} MiB while it runs, more than this server's whole "
                 f"memory budget of {self.memory_budget / 2**20:.0f} MiB (--memory-budget-mib): ask for less work "
                 "(a smaller image, MAP_SIZE_MODEL_INPUT, fewer targets or masks)")
         with self._cond:
+            if not self._accepting:  # under the lock: a job is never queued after the workers left
+                raise ShuttingDown("the server is shutting down and takes no new requests; retry on another replica")
             self._prune()
             if len(self._pending) >= self.queue_size:
                 raise QueueFull(self._full_message())
@@ -220,21 +225,40 @@ class Scheduler:
         self._fail_dead(job, "before a worker started it")
 
     def _prune(self) -> None:
-        """Remove dead jobs from the queue (under the lock) and fail their futures."""
-        dead = [job for job in self._pending if job.dead()]
-        if dead:
-            self._pending = [job for job in self._pending if not job.dead()]
-            for job in dead:
-                self._fail_dead(job, "before a worker started it")
+        """Remove dead and hopeless jobs from the queue (under the lock) and fail their futures."""
+        gone = [job for job in self._pending if job.dead() or self._hopeless(job)]
+        if gone:
+            self._pending = [job for job in self._pending if job not in gone]
+            for job in gone:
+                if job.dead():
+                    self._fail_dead(job, "before a worker started it")
+                else:
+                    self._dequeued(job)
+                    left = job.deadline - time.monotonic()
+                    settle(job.future, DeadlineExceeded(
+                        f"the request would not finish before its deadline: it needs at least "
+                        f"{job.cost * self._fastest_per_pass:.1f} s at the fastest pace this server has shown and "
+                        f"has {left:.1f} s left, so it was not started; give it a longer deadline, or ask for less work"))
 
-    @staticmethod
-    def _fail_dead(job: Job, when: str) -> None:
-        if job.future.done():
-            return
+    def _hopeless(self, job: Job) -> bool:
+        """An expensive job that cannot finish before its deadline at the measured pace: starting it
+        would spend the workers on work whose result nobody receives (it is cancelled mid-way)."""
+        return (job.deadline is not None and not self.cheap(job) and self._fastest_per_pass is not None
+                and time.monotonic() + job.cost * self._fastest_per_pass > job.deadline)
+
+    def _fail_dead(self, job: Job, when: str) -> None:
+        self._dequeued(job)
         if job.expired():
-            job.future.set_exception(DeadlineExceeded("the deadline passed while the request waited in the queue"))
+            settle(job.future, DeadlineExceeded("the deadline passed while the request waited in the queue"))
         else:
-            job.future.set_exception(_cancelled(when))
+            settle(job.future, _cancelled(when))
+
+    def _dequeued(self, job: Job) -> None:
+        if self._on_dequeue is not None:
+            try:
+                self._on_dequeue(job, time.perf_counter() - job.enqueued_at)
+            except Exception:  # noqa: BLE001 (metrics must not break scheduling)
+                log.exception("on_dequeue failed")
 
     # ---- choosing ---------------------------------------------------------------------------
     def _eligible(self, job: Job) -> bool:
@@ -260,48 +284,62 @@ class Scheduler:
 
     def _work(self) -> None:
         while True:
-            with self._cond:
-                job = None
-                while not self._stopping or self._pending:
-                    job = self._next()
-                    if job is not None:
-                        break
-                    if self._stopping and not self._pending:
-                        break
-                    self._cond.wait(0.25)  # also re-checks deadlines now and then
-                if job is None:
-                    return
-                self._pending.remove(job)
-                if not job.future.set_running_or_notify_cancel():
-                    continue
-                cheap = self.cheap(job)
-                self._running += 1
-                self._running_expensive += 0 if cheap else 1
-                self._memory_in_use += job.memory
-            job.started_at = time.perf_counter()
-            if self._on_start is not None:
-                self._on_start(job)
-            error, result = None, None
             try:
-                result = job.run(job)
-            except BaseException as exc:  # delivered to the waiting RPC, which maps it to a status
-                error = exc
-            with self._cond:  # the worker is free before its caller hears back
-                self._running -= 1
-                self._running_expensive -= 0 if cheap else 1
-                self._memory_in_use -= job.memory
-                self._cond.notify_all()
-            if error is not None:
-                job.future.set_exception(error)
-            else:
-                self._measured(job, time.perf_counter() - job.started_at)
-                job.future.set_result(result)
+                if not self._work_one():
+                    return
+            except Exception:  # noqa: BLE001 (a worker thread must outlive a bug in one job's bookkeeping)
+                log.exception("scheduler worker error")
+
+    def _work_one(self) -> bool:
+        """Take and run one job; False once the scheduler has stopped."""
+        with self._cond:
+            job = None
+            while not self._stopping or self._pending:
+                job = self._next()
+                if job is not None:
+                    break
+                self._cond.wait(0.25)  # also re-checks deadlines now and then
+            if job is None:
+                return False
+            self._pending.remove(job)
+            if not job.future.set_running_or_notify_cancel():
+                return True
+            cheap = self.cheap(job)
+            self._running += 1
+            self._running_expensive += 0 if cheap else 1
+            self._memory_in_use += job.memory
+        job.started_at = time.perf_counter()
+        self._dequeued(job)
+        error, result = None, None
+        try:
+            result = job.run(job)
+        except BaseException as exc:  # delivered to the waiting RPC, which maps it to a status
+            error = exc
+        with self._cond:  # the worker is free before its caller hears back
+            self._running -= 1
+            self._running_expensive -= 0 if cheap else 1
+            self._memory_in_use -= job.memory
+            self._cond.notify_all()
+        if error is not None:
+            settle(job.future, error)
+        else:
+            self._measured(job, time.perf_counter() - job.started_at)
+            settle(job.future, result=result)
+        return True
 
     def _measured(self, job: Job, seconds: float) -> None:
-        """Update the seconds-per-pass estimate that turns costs into expected run times."""
-        if job.cost >= 1 and seconds > 0:
+        """Update the seconds-per-pass estimate that turns costs into expected run times.
+
+        Only expensive jobs count: a one-pass job's time is mostly decoding and the response, which
+        would make every masked pass look as slow as a whole request.
+        """
+        if not self.cheap(job) and seconds > 0:
             per_pass = seconds / job.cost
-            self.seconds_per_pass += SECONDS_PER_PASS_SMOOTHING * (per_pass - self.seconds_per_pass)
+            if self._fastest_per_pass is None:
+                self.seconds_per_pass = self._fastest_per_pass = per_pass
+            else:
+                self.seconds_per_pass += SECONDS_PER_PASS_SMOOTHING * (per_pass - self.seconds_per_pass)
+                self._fastest_per_pass = min(self._fastest_per_pass, per_pass)
 
     # ---- stopping -----------------------------------------------------------------------------
     def close(self) -> None:
@@ -322,10 +360,21 @@ class Scheduler:
             with self._cond:  # what is still queued will not run: tell its callers
                 left, self._pending = self._pending, []
             for job in left:
-                if not job.future.done():
-                    job.future.set_exception(ShuttingDown("the server stopped before this request could run"))
+                settle(job.future, ShuttingDown("the server stopped before this request could run"))
             log_event(log, "scheduler_shutdown_timeout", logging.WARNING, workers_still_running=len(alive))
         return not alive
+
+
+def settle(future: concurrent.futures.Future, error: Optional[BaseException] = None, result: Any = None) -> None:
+    """Resolve ``future`` unless it already is: the event loop may cancel it at the same moment
+    (the RPC ended), and a worker must not die of ``InvalidStateError`` for that."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass
 
 
 def _cancelled(when: str) -> ExplainRTError:

@@ -362,7 +362,7 @@ class ExplainServicer:
         """On a worker: explain, build and serialise the response (the event loop only sends bytes)."""
         from .batcher import request_scope
 
-        with request_scope(item.task.model.explainer.engine, cheap=self.scheduler.cheap(job)):
+        with request_scope(item.task.model.explainer.engine, cheap=self.scheduler.cheap(job), cancel=job.cancel):
             response = run_task(item.task, progress, job.cancel, self.options.max_response_bytes)
         item.forward_passes = int(response.forward_passes)
         response.timings.queue_s = job.queue_seconds
@@ -406,7 +406,6 @@ class ExplainServicer:
     def _succeeded(self, item: _Item) -> None:
         seconds = time.perf_counter() - item.arrival
         self.metrics.observe(item.rpc, item.method, "OK", seconds)
-        self.metrics.observe_queue_wait(item.method, item.job.queue_seconds)
         self.metrics.forward_passes.labels(item.task.model.name, item.method).inc(item.forward_passes)
         log_event(log, "rpc", rpc=item.rpc, index=item.index if item.rpc == "ExplainStream" else None,
                   **describe(item.task), code="OK", ms=round(seconds * 1e3, 2),

@@ -284,6 +284,9 @@ def parse_request(request: pb.ExplainRequest, models: ModelRepository,
         if isinstance(exc, InvalidInputError):
             raise
         raise InvalidInputError(f"invalid parameters for method '{method}': {exc}; see GetModelMetadata") from None
+    for part in (method_obj, getattr(method_obj, "base", None)):  # RISE, also as Feature CAM's base
+        if hasattr(part, "check_input"):
+            part.check_input(meta.input_size)  # before the memory estimate, which grows with the grid
 
     kind = request.WhichOneof("image")
     if kind is None:

@@ -128,7 +128,18 @@ def _long_rise(n_masks: int = 400_000) -> dict:
     return {"method": "rise", "params": {"n_masks": n_masks, "grid_size": 2}}
 
 
-def test_deadline_stops_the_work(server, client, idle):
+@pytest.fixture
+def fresh(single_model_dir):
+    """A server that has measured no pace yet, so it starts a long request (one it knows is hopeless
+    it refuses before starting, see test_serve_scheduler)."""
+    srv = start_server(single_model_dir)
+    with ExplainClient(f"127.0.0.1:{srv.port}", timeout=30, retries=0) as c:
+        yield srv, c
+    srv.stop(grace=0)
+
+
+def test_deadline_stops_the_work(fresh):
+    server, client = fresh
     before = server.metrics.masked_pass_total(method="rise")
     t0 = time.perf_counter()
     with pytest.raises(RemoteError) as err:
@@ -160,7 +171,8 @@ def test_client_cancel_stops_the_work(server, client, idle):
     assert wait_for(lambda: server.metrics.requests.labels("Explain", "rise", "CANCELLED")._value.get() >= 1)
 
 
-def test_stream_deadline_stops_its_items(server, client, idle):
+def test_stream_deadline_stops_its_items(fresh):
+    server, client = fresh
     with pytest.raises(RemoteError) as err:
         list(client.stream([{"image": GOOD, **_long_rise()}, {"image": GOOD, **_long_rise()}], timeout=1.0))
     assert err.value.code == "DEADLINE_EXCEEDED"

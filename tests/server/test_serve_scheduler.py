@@ -217,3 +217,31 @@ def test_codec_round_trip_and_checks():
         tensor_to_array(pb.Tensor(data=b"", dtype=pb.UINT8, shape=[0, 3]))
     with pytest.raises(InvalidInputError, match="not accepted"):
         tensor_to_array(pb.Tensor(data=b"\0\0", dtype=pb.DATA_TYPE_UNSPECIFIED, shape=[2]))
+
+
+def test_an_expensive_job_that_cannot_finish_before_its_deadline_is_not_started():
+    """At the measured pace a 100-pass job needs 1 s; with 0.3 s left it is refused, not started and wasted."""
+    from explainrt.server.scheduler import DeadlineExceeded
+
+    ran = []
+    sched = Scheduler(workers=1, queue_size=4)
+    try:
+        paced = Job(lambda job: time.sleep(0.1), cost=10)  # an expensive job measures the pace: 10 ms per pass
+        sched.submit(paced)
+        paced.future.result(5)
+        assert 0.005 < sched.seconds_per_pass < 0.05
+        release, started = threading.Event(), threading.Event()
+        sched.submit(Job(_blocker(release, started), cost=1))
+        assert started.wait(5)
+        doomed = Job(lambda job: ran.append("doomed"), cost=100, deadline=time.monotonic() + 0.3)
+        roomy = Job(lambda job: ran.append("roomy"), cost=10, deadline=time.monotonic() + 30)
+        cheap = Job(lambda job: ran.append("cheap"), cost=1, deadline=time.monotonic() + 0.3)
+        for job in (doomed, roomy, cheap):
+            sched.submit(job)
+        with pytest.raises(DeadlineExceeded, match="would not finish before its deadline"):
+            doomed.future.result(2)  # told at once, while the worker is still busy
+        release.set()
+        roomy.future.result(5), cheap.future.result(5)
+        assert sorted(ran) == ["cheap", "roomy"]  # cheap jobs are never shed: they are the ones to keep fast
+    finally:
+        sched.shutdown(5)

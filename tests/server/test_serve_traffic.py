@@ -394,3 +394,100 @@ def test_priority_travels_from_the_client_and_orders_waiting_requests(model_dir)
             client.request(image, "fem", priority=11)
     finally:
         srv.stop(grace=0)
+
+
+def test_a_failing_hand_back_or_metrics_call_never_kills_the_executor(tiny_engine):
+    """Whatever raises after the engine run (metrics, the output hand-back) fails that call alone."""
+    from explainrt.server.batcher import BatchingEngine, request_scope
+
+    failures = {"handoff": 1}
+
+    class FlakyHandBack(_RecordingEngine):
+        def handoff(self, arrays):
+            if "x" not in arrays and failures["handoff"]:
+                failures["handoff"] -= 1
+                raise RuntimeError("stream record failed")
+            return self.inner.handoff(arrays)
+
+    def broken_metrics(calls, rows):
+        raise ValueError("metrics backend down")
+
+    batcher = BatchingEngine(FlakyHandBack(tiny_engine), max_queue_delay_s=0.0, on_batch=broken_metrics)
+    x = np.zeros((1, 3, 32, 32), np.float32)
+    try:
+        with request_scope(batcher, cheap=False), request_scope(batcher, cheap=False):  # not a lone request
+            with pytest.raises(RuntimeError, match="stream record failed"):
+                batcher.base_pass(x)
+            results = _concurrently([lambda: batcher.base_pass(x) for _ in range(3)])  # the executor lives on
+        want = tiny_engine.base_pass(x)
+        for got in results:
+            np.testing.assert_array_equal(got.probs, want.probs)
+    finally:
+        batcher.close()
+
+
+def test_cheap_calls_do_not_starve_a_full_chunk_without_an_express_instance(tiny_engine):
+    """The GPU serving path (TensorRT, torch): one executor; a full chunk never fits beside a one-image call,
+    so without aging a steady stream of cheap calls would keep it waiting for ever."""
+    from explainrt.server.batcher import BatchingEngine, request_scope
+
+    batcher = BatchingEngine(tiny_engine, max_queue_delay_s=0.0)
+    stop = threading.Event()
+    one, full = np.zeros((1, 3, 32, 32), np.float32), np.zeros((8, 3, 32, 32), np.float32)
+
+    def cheap_traffic():
+        with request_scope(batcher, cheap=True):
+            while not stop.is_set():
+                batcher.base_pass(one)
+
+    senders = [threading.Thread(target=cheap_traffic) for _ in range(4)]
+    try:
+        for t in senders:
+            t.start()
+        time.sleep(0.1)
+
+        def expensive():
+            with request_scope(batcher, cheap=False):
+                batcher.infer(full, [tiny_engine.metadata.probs_output])
+
+        chunk = threading.Thread(target=expensive)
+        chunk.start()
+        chunk.join(1.0)
+        assert not chunk.is_alive()  # served within about AGED_CALL_S, not when the cheap load stops
+    finally:
+        stop.set()
+        for t in senders:
+            t.join(5)
+        batcher.close()
+
+
+def test_a_queued_engine_call_is_withdrawn_when_its_request_is_cancelled(tiny_engine):
+    from explainrt.explainers.driver import Cancelled
+    from explainrt.server.batcher import BatchingEngine, request_scope
+
+    release = threading.Event()
+
+    class Slow(_RecordingEngine):
+        def run(self, inputs, names=None):
+            release.wait(5)
+            return self.inner.run(inputs, names)
+
+    batcher = BatchingEngine(Slow(tiny_engine), max_queue_delay_s=0.0)
+    x = np.zeros((1, 3, 32, 32), np.float32)
+    cancel = threading.Event()
+    try:
+        with request_scope(batcher, cheap=False):
+            blocker = threading.Thread(target=lambda: batcher.base_pass(x))  # holds the one engine slot
+            blocker.start()
+            assert wait_for(lambda: batcher._executing == 1)
+            with request_scope(batcher, cheap=False, cancel=cancel):
+                threading.Timer(0.1, cancel.set).start()
+                t0 = time.perf_counter()
+                with pytest.raises(Cancelled, match="waited for a batch"):
+                    batcher.base_pass(x)
+                assert time.perf_counter() - t0 < 2.0 and not batcher._queue
+            release.set()
+            blocker.join(5)
+    finally:
+        release.set()
+        batcher.close()
