@@ -113,14 +113,14 @@ class Engine(abc.ABC):
         """
         return staging.handoff(self.xp, arrays)
 
-    def receive(self, item: staging.Handoff) -> dict:
+    def receive(self, item: staging.Handoff, copy: bool = True) -> dict:
         """On the consuming thread: the arrays of a ``handoff``, valid on this thread's stream.
 
         On a GPU this thread's current stream waits for the producer's event and gets copies
         allocated on it (the originals are kept until the copies are done), so neither thread's
         memory pool recycles memory the other may still read. On CPU engines: the arrays as they are.
         """
-        return staging.receive(self.xp, item)
+        return staging.receive(self.xp, item, copy)
 
     def base_pass(self, x) -> BasePass:
         """The one unmasked pass: probabilities, logits and activations of a (1,C,H,W) input."""

@@ -117,16 +117,20 @@ def handoff(xp, arrays: dict) -> Handoff:
     return Handoff(dict(arrays), xp.cuda.get_current_stream().record())
 
 
-def receive(xp, item: Handoff) -> dict:
+def receive(xp, item: Handoff, copy: bool = True) -> dict:
     """On the receiving thread: the arrays of ``item``, valid on this thread's current stream.
 
     The current stream waits for the producer's event, and each array is copied into memory
     allocated on this stream; the producer's arrays stay referenced until the copies are done.
+    ``copy=False`` skips the copies, for a receiver that only reads the arrays while the producer
+    is blocked waiting for its answer (the batcher's engine input: no device copy per chunk).
     """
     if xp is np or item.event is None:
         return dict(item.arrays)
     stream = xp.cuda.get_current_stream()
     stream.wait_event(item.event)
+    if not copy:
+        return dict(item.arrays)
     copies = {name: xp.array(arr, copy=True) for name, arr in item.arrays.items()}
     _handoff_flight.keep(stream.record(), *item.arrays.values())
     return copies

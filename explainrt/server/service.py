@@ -28,7 +28,7 @@ from .logs import log_event
 from .metrics import ServerMetrics
 from .models import ModelNotFound, ModelRepository
 from .scheduler import DeadlineExceeded, Job, OverBudget, QueueFull, Scheduler, ShuttingDown
-from .tasks import ExplainTask, RequestLimits, ResponseTooLarge, describe, parse_request, run_task
+from .tasks import ExplainTask, RequestLimits, ResponseTooLarge, check_built_size, describe, parse_request, run_task
 
 log = logging.getLogger(__name__)
 
@@ -363,11 +363,12 @@ class ExplainServicer:
         from .batcher import request_scope
 
         with request_scope(item.task.model.explainer.engine, cheap=self.scheduler.cheap(job), cancel=job.cancel):
-            response = run_task(item.task, progress, job.cancel, self.options.max_response_bytes)
+            response = run_task(item.task, progress, job.cancel)
         item.forward_passes = int(response.forward_passes)
         response.timings.queue_s = job.queue_seconds
         response.timings.total_s = time.perf_counter() - item.arrival
         body = response.SerializeToString()
+        check_built_size(len(body), self.options.max_response_bytes)
         if not stream:
             return body
         header = pb.ExplainStreamResponse(index=item.index, request_id=item.request_id).SerializeToString()

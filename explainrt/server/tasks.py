@@ -339,10 +339,11 @@ def parse_request(request: pb.ExplainRequest, models: ModelRepository,
 
 
 def run_task(task: ExplainTask, progress: Optional[Callable[[int, int], None]] = None,
-             cancel: Optional[threading.Event] = None, max_response_bytes: Optional[int] = None) -> pb.ExplainResponse:
+             cancel: Optional[threading.Event] = None) -> pb.ExplainResponse:
     """Explain on the calling (worker) thread and build the response; timings.queue_s/total_s are left to the caller.
 
-    ``max_response_bytes`` is checked again on the built response, a safety net behind parse_request's bound.
+    The caller checks the serialised size (``check_built_size``): serialising once, not once to
+    measure and again to send, matters for responses of hundreds of MiB.
     """
     lock = task.model.lock or contextlib.nullcontext()
     with lock:
@@ -351,13 +352,16 @@ def run_task(task: ExplainTask, progress: Optional[Callable[[int, int], None]] =
     t0 = time.perf_counter()
     response = build_response(task, result)
     response.timings.postprocess_s = time.perf_counter() - t0
-    size = response.ByteSize() if max_response_bytes is not None else 0
+    return response
+
+
+def check_built_size(size: int, max_response_bytes: Optional[int]) -> None:
+    """The safety net behind ``parse_request``'s bound: refuse a serialised response over the limit."""
     if max_response_bytes is not None and size > max_response_bytes:
         raise ResponseTooLarge(
             f"the response would be {size / 2**20:.1f} MiB, over the server's limit of "
             f"{max_response_bytes / 2**20:.0f} MiB: ask for FLOAT16 maps, MAP_SIZE_MODEL_INPUT, fewer targets or "
             "no overlay, or raise the server's --max-message-mib")
-    return response
 
 
 def build_response(task: ExplainTask, result: Explanation) -> pb.ExplainResponse:

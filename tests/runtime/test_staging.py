@@ -100,6 +100,21 @@ def test_handoff_between_streams(fake_cp):
     assert staging.receive(np, staging.handoff(np, {"x": 1}))["x"] == 1  # CPU: passed as is
 
 
+def test_receive_without_copy_is_still_ordered(fake_cp):
+    """The batcher's engine input: the consumer's stream waits for the producer, and nothing is copied."""
+    log = fake_cp.log
+    producer, consumer = fake_cp.cuda.Stream(non_blocking=True), fake_cp.cuda.Stream(non_blocking=True)
+    with producer:
+        x = fake_cp.asarray(np.arange(6, dtype=np.float32))
+        made = (producer, producer.count - 1)
+        item = staging.handoff(fake_cp, {"x": x})
+    with consumer:
+        got = staging.receive(fake_cp, item, copy=False)["x"]
+        used = log.op("consumer reads x")
+    assert got is x and happens_before(log, made, used)
+    assert not [what for what, s, i in log.ops if s is consumer and what == "array"]  # no copy on the consumer
+
+
 def test_engine_handoff_is_a_no_op_on_cpu_engines(tmp_path):
     torch = pytest.importorskip("torch")
     from explainrt.export import export_torch

@@ -275,9 +275,9 @@ def test_arrays_cross_threads_through_the_engines_handoff_and_receive(tiny_engin
             events.append(("handoff", sorted(arrays), threading.current_thread().name))
             return self.inner.handoff(arrays)
 
-        def receive(self, item):
+        def receive(self, item, copy=True):
             events.append(("receive", sorted(item.arrays), threading.current_thread().name))
-            return self.inner.receive(item)
+            return self.inner.receive(item, copy)
 
     batcher = BatchingEngine(Tracing(tiny_engine), max_queue_delay_s=0.0)
     try:
