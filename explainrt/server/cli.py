@@ -94,18 +94,10 @@ def register(subparsers) -> None:
 
 
 def _queue_delay(text: str):
-    """--max-queue-delay-ms: milliseconds >= 0, or 'off' (None: no cross-request batching)."""
-    import argparse
+    """--max-queue-delay-ms: milliseconds in 0..1000, or 'off' (None: no cross-request batching)."""
+    from ..cli import _bounded
 
-    if text.strip().lower() == "off":
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected milliseconds >= 0 or 'off', got {text!r}") from None
-    if not 0 <= value <= 1000:
-        raise argparse.ArgumentTypeError(f"expected milliseconds in 0..1000 or 'off', got {text!r}")
-    return value
+    return None if text.strip().lower() == "off" else _bounded(float, 0, 1000, bounds="milliseconds in 0..1000 or 'off'")(text)
 
 
 def cmd_serve(args) -> int:

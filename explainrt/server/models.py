@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import logging
 import os
@@ -83,7 +84,7 @@ class ModelRepository:
             path = os.path.join(self.directory, name + ".onnx")
             t0 = time.perf_counter()
             try:
-                make = lambda: Explainer(path, batch_size=self.batch_size, max_batch=self.batch_size,  # noqa: E731
+                make = functools.partial(Explainer, path, batch_size=self.batch_size, max_batch=self.batch_size,
                                          **self.engine_options)
                 # With an express lane, the main session's thread pool runs at a lower CPU priority
                 # (made on a thread whose priority is lowered: its pool threads inherit it).
