@@ -68,9 +68,10 @@ def side_stream(cp=None):
     if streams is None:
         streams = _local.side_streams = {}
     key = (id(cp), cp.cuda.Device().id)
-    stream = streams.get(key)
-    if stream is None:
-        stream = streams[key] = cp.cuda.Stream(non_blocking=True)
+    owner, stream = streams.get(key, (None, None))
+    if owner is not cp:  # the module is kept with its stream, so a reused id() cannot alias another
+        stream = cp.cuda.Stream(non_blocking=True)
+        streams[key] = (cp, stream)
     return stream
 
 

@@ -194,6 +194,22 @@ def test_gpu_pipeline_host_side_matches_cpu(fake_cp, host_side_model, method, pa
         assert any(name.startswith("masked_batch") and stream.ptr != 0 for name, stream in fake_cp.log.launches)
 
 
+def test_side_stream_belongs_to_the_module_asked():
+    """The thread's cached side stream is per CuPy module: a new module whose id() reuses a
+    freed one's (CI hit it between two tests) must not get the old module's stream."""
+    import gc
+
+    from explainrt.runtime.staging import side_stream
+    from fake_cupy import make_fake_cupy
+
+    for _ in range(20):
+        fake = make_fake_cupy()
+        assert side_stream(fake).log is fake.log
+        assert side_stream(fake) is side_stream(fake)
+        del fake
+        gc.collect()
+
+
 def test_driver_fills_wait_for_every_upload(fake_cp, host_side_model):
     """The race of issue #4 defect 2: the index arrays are uploaded on the main stream, the side
     stream gathers with them; every side-stream write must be ordered after every upload."""
