@@ -18,9 +18,13 @@ while it runs). The scheduler uses both:
   waited longer than its own expected run time); one that could never fit is refused at once.
 - **Dead work leaves at once.** A job whose ``cancel`` is set (the client went away) leaves the
   queue the moment it is set, and a job past its deadline no longer counts against
-  ``queue_size``: a full queue of dead requests never refuses a live one. An expensive job that
-  could not finish before its deadline even at the fastest pace measured is not started either
-  (DEADLINE_EXCEEDED at once): it would be cancelled half-way, its passes wasted.
+  ``queue_size``: a full queue of dead requests never refuses a live one.
+- **Admission by deadline.** An expensive job with a deadline is refused (DEADLINE_EXCEEDED, at
+  submission or as soon as it becomes so while it waits) when it cannot finish in time: the
+  expensive work running or queued ahead of it, shared by the ``workers`` threads, plus its own
+  run, at the measured pace, ends past its deadline. Started anyway, it would be cancelled
+  half-way, its passes wasted, and the jobs behind it would start late and miss too; told at
+  once, its client can retry on another replica. Cheap jobs are never refused for this.
 
 A full queue refuses a job at once (``QueueFull`` → RESOURCE_EXHAUSTED) instead of letting
 latency grow without bound. A running job stops between two chunks of masked passes once its
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import heapq
 import logging
 import threading
 import time
@@ -145,9 +150,7 @@ class Scheduler:
         self.cheap_passes = float(cheap_passes)
         self.memory_budget = memory_budget
         self.seconds_per_pass = INITIAL_SECONDS_PER_PASS
-        # The fastest pace (seconds per pass) any expensive job has shown: a job that cannot finish
-        # even at that pace is hopeless (a lower bound, so a job's fixed overhead never sheds it).
-        self._fastest_per_pass: Optional[float] = None
+        self._paced = False  # an expensive job has been measured: seconds_per_pass is real
         self._on_dequeue = on_dequeue
         self._pending: list[Job] = []
         self._cond = threading.Condition()
@@ -155,6 +158,7 @@ class Scheduler:
         self._stopping = False
         self._running = 0
         self._running_expensive = 0
+        self._expensive_started: dict = {}  # running expensive job -> its start (perf_counter)
         self._memory_in_use = 0
         self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(workers + cheap_workers)]
         for thread in self._threads:
@@ -207,6 +211,7 @@ class Scheduler:
             job.enqueued_at = time.perf_counter()
             job.key = job.enqueued_at + self.expected_seconds(job)
             self._pending.append(job)
+            self._prune()  # judged at once against the work already ahead of it
             self._cond.notify_all()
         job.cancel.add_callback(lambda: self._drop(job))
         return job.future
@@ -226,25 +231,49 @@ class Scheduler:
 
     def _prune(self) -> None:
         """Remove dead and hopeless jobs from the queue (under the lock) and fail their futures."""
-        gone = [job for job in self._pending if job.dead() or self._hopeless(job)]
-        if gone:
+        dead = [job for job in self._pending if job.dead()]
+        hopeless = self._hopeless()
+        if dead or hopeless:
+            gone = set(dead) | set(hopeless)
             self._pending = [job for job in self._pending if job not in gone]
-            for job in gone:
-                if job.dead():
-                    self._fail_dead(job, "before a worker started it")
-                else:
-                    self._dequeued(job)
-                    left = job.deadline - time.monotonic()
-                    settle(job.future, DeadlineExceeded(
-                        f"the request would not finish before its deadline: it needs at least "
-                        f"{job.cost * self._fastest_per_pass:.1f} s at the fastest pace this server has shown and "
-                        f"has {left:.1f} s left, so it was not started; give it a longer deadline, or ask for less work"))
+            for job in dead:
+                self._fail_dead(job, "before a worker started it")
+            for job, ahead, own in hopeless.values():
+                self._dequeued(job)
+                left = job.deadline - time.monotonic()
+                settle(job.future, DeadlineExceeded(
+                    f"the request would not finish before its deadline: at this server's pace it needs {own:.1f} s "
+                    f"and would start in about {ahead:.1f} s, after the work ahead of it on {self.workers} worker(s), "
+                    f"but has {left:.1f} s left, so it was not started; retry later or on another replica, give it "
+                    "a longer deadline, or ask for less work"))
 
-    def _hopeless(self, job: Job) -> bool:
-        """An expensive job that cannot finish before its deadline at the measured pace: starting it
-        would spend the workers on work whose result nobody receives (it is cancelled mid-way)."""
-        return (job.deadline is not None and not self.cheap(job) and self._fastest_per_pass is not None
-                and time.monotonic() + job.cost * self._fastest_per_pass > job.deadline)
+    def _hopeless(self) -> dict:
+        """The waiting expensive jobs that cannot finish before their deadlines (under the lock):
+        ``{job: (job, seconds until it would start, seconds it runs)}``.
+
+        The pace is the measured seconds per pass (nothing is refused before one expensive job has
+        been measured); each waiting job, in the order they would start, takes the first of the
+        ``workers`` expensive threads to come free from what runs now and from the jobs before it.
+        """
+        if not self._paced:
+            return {}
+        waiting = sorted((j for j in self._pending if not self.cheap(j)), key=lambda j: (-j.priority, j.key))
+        if not any(j.deadline is not None for j in waiting):
+            return {}
+        now, clock = time.monotonic(), time.perf_counter()
+        pace = self.seconds_per_pass
+        # When each of the expensive threads is next free (seconds from now), then list scheduling.
+        free = [max(0.0, job.cost * pace - (clock - started)) for job, started in self._expensive_started.items()]
+        free = sorted(free)[:self.workers] + [0.0] * max(0, self.workers - len(free))
+        heapq.heapify(free)
+        out = {}
+        for job in waiting:
+            own, start = job.cost * pace, free[0]
+            if job.deadline is not None and now + start + own > job.deadline:
+                out[job] = (job, start, own)  # refused: it does not hold back the jobs behind it
+            else:
+                heapq.heapreplace(free, start + own)
+        return out
 
     def _fail_dead(self, job: Job, when: str) -> None:
         self._dequeued(job)
@@ -308,7 +337,9 @@ class Scheduler:
             self._running += 1
             self._running_expensive += 0 if cheap else 1
             self._memory_in_use += job.memory
-        job.started_at = time.perf_counter()
+            job.started_at = time.perf_counter()
+            if not cheap:
+                self._expensive_started[job] = job.started_at
         self._dequeued(job)
         error, result = None, None
         try:
@@ -318,6 +349,7 @@ class Scheduler:
         with self._cond:  # the worker is free before its caller hears back
             self._running -= 1
             self._running_expensive -= 0 if cheap else 1
+            self._expensive_started.pop(job, None)
             self._memory_in_use -= job.memory
             self._cond.notify_all()
         if error is not None:
@@ -335,11 +367,10 @@ class Scheduler:
         """
         if not self.cheap(job) and seconds > 0:
             per_pass = seconds / job.cost
-            if self._fastest_per_pass is None:
-                self.seconds_per_pass = self._fastest_per_pass = per_pass
+            if not self._paced:
+                self.seconds_per_pass, self._paced = per_pass, True
             else:
                 self.seconds_per_pass += SECONDS_PER_PASS_SMOOTHING * (per_pass - self.seconds_per_pass)
-                self._fastest_per_pass = min(self._fastest_per_pass, per_pass)
 
     # ---- stopping -----------------------------------------------------------------------------
     def close(self) -> None:
