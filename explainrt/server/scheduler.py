@@ -19,12 +19,13 @@ while it runs). The scheduler uses both:
 - **Dead work leaves at once.** A job whose ``cancel`` is set (the client went away) leaves the
   queue the moment it is set, and a job past its deadline no longer counts against
   ``queue_size``: a full queue of dead requests never refuses a live one.
-- **Admission by deadline.** An expensive job with a deadline is refused (DEADLINE_EXCEEDED, at
-  submission or as soon as it becomes so while it waits) when it cannot finish in time: the
-  expensive work running or queued ahead of it, shared by the ``workers`` threads, plus its own
-  run, at the measured pace, ends past its deadline. Started anyway, it would be cancelled
-  half-way, its passes wasted, and the jobs behind it would start late and miss too; told at
-  once, its client can retry on another replica. Cheap jobs are never refused for this.
+- **No work that would be wasted.** An expensive job with a deadline leaves the queue
+  (DEADLINE_EXCEEDED) as soon as it could no longer finish in time even if it started now, at the
+  measured pace: started, it would be cancelled half-way, its passes wasted and the jobs behind it
+  delayed. It is not refused earlier for the work queued ahead of it: that estimate changes as
+  cheap traffic comes and goes, and clients refused early send other work at once (measured with
+  ``serve_bench --scenario mixed``: SIDU/Score-CAM throughput fell 6×, see benchmarks/RESULTS.md).
+  Cheap jobs are never refused for this.
 
 A full queue refuses a job at once (``QueueFull`` → RESOURCE_EXHAUSTED) instead of letting
 latency grow without bound. A running job stops between two chunks of masked passes once its
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import heapq
 import logging
 import threading
 import time
@@ -158,7 +158,6 @@ class Scheduler:
         self._stopping = False
         self._running = 0
         self._running_expensive = 0
-        self._expensive_started: dict = {}  # running expensive job -> its start (perf_counter)
         self._memory_in_use = 0
         self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(workers + cheap_workers)]
         for thread in self._threads:
@@ -211,7 +210,6 @@ class Scheduler:
             job.enqueued_at = time.perf_counter()
             job.key = job.enqueued_at + self.expected_seconds(job)
             self._pending.append(job)
-            self._prune()  # judged at once against the work already ahead of it
             self._cond.notify_all()
         job.cancel.add_callback(lambda: self._drop(job))
         return job.future
@@ -238,42 +236,24 @@ class Scheduler:
             self._pending = [job for job in self._pending if job not in gone]
             for job in dead:
                 self._fail_dead(job, "before a worker started it")
-            for job, ahead, own in hopeless.values():
+            for job, own in hopeless.items():
                 self._dequeued(job)
                 left = job.deadline - time.monotonic()
                 settle(job.future, DeadlineExceeded(
                     f"the request would not finish before its deadline: at this server's pace it needs {own:.1f} s "
-                    f"and would start in about {ahead:.1f} s, after the work ahead of it on {self.workers} worker(s), "
-                    f"but has {left:.1f} s left, so it was not started; retry later or on another replica, give it "
+                    f"and has {left:.1f} s left, so it was not started; retry later or on another replica, give it "
                     "a longer deadline, or ask for less work"))
 
     def _hopeless(self) -> dict:
-        """The waiting expensive jobs that cannot finish before their deadlines (under the lock):
-        ``{job: (job, seconds until it would start, seconds it runs)}``.
-
-        The pace is the measured seconds per pass (nothing is refused before one expensive job has
-        been measured); each waiting job, in the order they would start, takes the first of the
-        ``workers`` expensive threads to come free from what runs now and from the jobs before it.
-        """
+        """The waiting expensive jobs that could no longer finish before their deadlines even if they
+        started now, at the measured seconds per pass (under the lock): ``{job: seconds it would run}``.
+        Nothing is refused before one expensive job has been measured; cheap jobs never are."""
         if not self._paced:
             return {}
-        waiting = sorted((j for j in self._pending if not self.cheap(j)), key=lambda j: (-j.priority, j.key))
-        if not any(j.deadline is not None for j in waiting):
-            return {}
-        now, clock = time.monotonic(), time.perf_counter()
-        pace = self.seconds_per_pass
-        # When each of the expensive threads is next free (seconds from now), then list scheduling.
-        free = [max(0.0, job.cost * pace - (clock - started)) for job, started in self._expensive_started.items()]
-        free = sorted(free)[:self.workers] + [0.0] * max(0, self.workers - len(free))
-        heapq.heapify(free)
-        out = {}
-        for job in waiting:
-            own, start = job.cost * pace, free[0]
-            if job.deadline is not None and now + start + own > job.deadline:
-                out[job] = (job, start, own)  # refused: it does not hold back the jobs behind it
-            else:
-                heapq.heapreplace(free, start + own)
-        return out
+        now = time.monotonic()
+        return {job: job.cost * self.seconds_per_pass for job in self._pending
+                if job.deadline is not None and not self.cheap(job)
+                and now + job.cost * self.seconds_per_pass > job.deadline}
 
     def _fail_dead(self, job: Job, when: str) -> None:
         self._dequeued(job)
@@ -337,9 +317,7 @@ class Scheduler:
             self._running += 1
             self._running_expensive += 0 if cheap else 1
             self._memory_in_use += job.memory
-            job.started_at = time.perf_counter()
-            if not cheap:
-                self._expensive_started[job] = job.started_at
+        job.started_at = time.perf_counter()
         self._dequeued(job)
         error, result = None, None
         try:
@@ -349,7 +327,6 @@ class Scheduler:
         with self._cond:  # the worker is free before its caller hears back
             self._running -= 1
             self._running_expensive -= 0 if cheap else 1
-            self._expensive_started.pop(job, None)
             self._memory_in_use -= job.memory
             self._cond.notify_all()
         if error is not None:
