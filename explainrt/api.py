@@ -5,6 +5,7 @@ import dataclasses
 import logging
 import threading
 import time
+import warnings
 from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
@@ -44,6 +45,10 @@ def target_indices(target: Target, num_classes: Optional[int] = None) -> list[in
                                     f"target class {t} is out of range: class indices are >= 0")
         out.append(int(t))
     return out
+
+
+class ConstantMapWarning(UserWarning):
+    """An explanation's map is constant: the method found no evidence for the class."""
 
 
 class FirstTargetView(CompactRepr):
@@ -100,6 +105,32 @@ class Explanation(FirstTargetView):
         if self.image is None:
             raise InvalidInputError("no original image to overlay on (the input was a preprocessed array)")
         return overlay(self.image, self.saliency, check_range("alpha", alpha, low=0.0, high=1.0))
+
+    @property
+    def constant_targets(self) -> list[int]:
+        """The targets whose map is constant: the method found no evidence for them (e.g. nothing above
+        SIDU's threshold, no positive weight); such a map says nothing."""
+        return [t for t, m in zip(self.targets, self.saliency_maps) if float(m.max()) == float(m.min())]
+
+    def save(self, directory: str, name: str = "image", plain: bool = False) -> dict:
+        """Write what `explainrt explain` writes for this result into ``directory``:
+        ``<name>.<method>.npy`` (the map) and, when the input was an image, ``<name>.<method>.png``
+        (the overlay with its caption and colour bar; ``plain``: the bare overlay), plus Feature CAM's
+        ``.vis.png``; with several targets ``<name>.<method>.<target>.*``. Returns the paths by kind,
+        per target."""
+        from .figures import caption
+        from .outputs import prepare_output_dir, write_result_files
+
+        prepare_output_dir(directory)
+        several = len(self.targets) > 1
+        files = {}
+        for i, (target, label, saliency) in enumerate(zip(self.targets, self.labels, self.saliency_maps)):
+            files[target] = write_result_files(
+                directory, name, self.method, saliency, self.image, self.visualization if i == 0 else None,
+                caption=None if plain else caption(self.method, label, target, float(self.probs[target]),
+                                                   self.forward_passes),
+                target=target if several else None)
+        return files
 
 
 class Explainer:
@@ -183,6 +214,12 @@ class Explainer:
         maps, raw = to_host(xp, maps), to_host(xp, raw)
         t3 = time.perf_counter()
         extras = {k: v for k, v in ctx.extras.items() if isinstance(v, (int, float, str))}
+        for t, m in zip(targets, maps):
+            if float(m.max()) == float(m.min()):
+                warnings.warn(f"{method} found no evidence for class {t} in {prep.name}: its map is constant (e.g. "
+                              "no activation above SIDU's threshold or no positive weight); try another method or "
+                              "its parameters (Explanation.constant_targets lists such classes)",
+                              ConstantMapWarning, stacklevel=2)
         return Explanation(
             method=method, targets=targets, saliency_maps=maps.astype(np.float32), raw_maps=raw.astype(np.float32),
             probs=probs.astype(np.float32), forward_passes=ctx.forward_passes,

@@ -482,6 +482,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    import warnings
+
+    from .api import ConstantMapWarning
+
+    warnings.simplefilter("ignore", ConstantMapWarning)  # each result line says so itself
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

@@ -133,8 +133,9 @@ def _compare(args, model_path: str, image, methods: list, rows: list, threads) -
         if why is None:
             installed.append(peer)
         else:
-            print(f"compare: {peer.name} is not installed or does not import ({why}); "
-                  f"pip install {peer.package} to compare; skipped")
+            print(f"compare: {peer.name} is not installed or does not import ({why}); skipped. Install it in a "
+                  f"separate environment, not this one (pip would replace the pinned CPU torch with a CUDA build): "
+                  f"see README.md, 'Evaluate and benchmark': a .venv-bench of its own")
     if not args.zoo:
         print("compare: peers run on the framework model; use --zoo efficientnet-lite0 (not --model) to compare")
         return []
@@ -154,8 +155,9 @@ def _compare(args, model_path: str, image, methods: list, rows: list, threads) -
     explainer.close()
     results = []
     for peer in wanted:
-        theirs = pr.time_peer(peer, model, layer, x, target, batch_size=args.peer_batch_size, warmup=0,
-                              repeat=args.peer_repeat)
+        with pr.quiet_peer_bars(args.no_progress):
+            theirs = pr.time_peer(peer, model, layer, x, target, batch_size=args.peer_batch_size, warmup=0,
+                                  repeat=args.peer_repeat)
         their_p50 = float(np.median(theirs["times"]))
         for ours in (r for r in rows if r.method == peer.ours):
             results.append({"peer": peer.name, "note": peer.note, "peer_batch_size": args.peer_batch_size,
@@ -189,8 +191,9 @@ def cmd_bench(args) -> int:
     if args.repeat < 1 or args.warmup < 0 or args.peer_repeat < 1:
         raise InvalidInputError("--repeat and --peer-repeat must be >= 1 and --warmup >= 0")
     methods = parse_methods(args.methods)
-    if args.json:
-        prepare_output_file(args.json)
+    for path in (args.json, args.plot):
+        if path:
+            prepare_output_file(path)
     params = params_by_method(parse_params(args.param), methods)
     batch_sizes = _int_list(args.batch_sizes)
     image = _bench_image(args.image)
@@ -219,6 +222,11 @@ def cmd_bench(args) -> int:
     if compare:
         print()
         print(_format_compare(compare))
+    plot = args.plot or (os.path.splitext(args.json)[0] + ".png" if args.json else None)
+    if plot:
+        bench.plot_bench(plot, rows, machine, title=f"{args.model or args.zoo}, image {args.image}: "
+                                                    f"{args.warmup} warm-up + {args.repeat} timed runs")
+        print(f"wrote {plot}")
     if args.json:
         report = {"machine": machine, "model": args.model or args.zoo, "image": args.image, "methods": methods,
                   "params": params, "batch_sizes": batch_sizes, "threads": args.threads, "warmup": args.warmup,
@@ -257,7 +265,8 @@ def register(subparsers) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per configuration (default 1)")
     p.add_argument("--repeat", type=int, default=5, help="timed runs per configuration (default 5)")
     p.add_argument("-p", "--param", action="append", metavar="NAME=VALUE", help="method parameter, repeatable")
-    p.add_argument("--json", help="write the results as JSON to this file")
+    p.add_argument("--json", help="write the results as JSON to this file (and a plot beside it, as .png)")
+    p.add_argument("--plot", help="write the latency and passes/s plot to this PNG (default: beside --json)")
     p.add_argument("--compare", action="store_true",
                    help="also time installed peers (pytorch-grad-cam ScoreCAM/FEM, Captum Occlusion) on the torch model")
     p.add_argument("--peer-batch-size", type=int, default=32, help="peers' batch size (default 32)")

@@ -6,7 +6,7 @@ import os
 import sys
 import time
 
-from ..errors import InvalidInputError, require
+from ..errors import InvalidInputError, ModelError, require
 
 log = logging.getLogger(__name__)
 
@@ -123,11 +123,16 @@ def cmd_serve(args) -> int:
                           tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
                           auth_token_file=args.auth_token_file)
     server = ExplainServer(config)
+    if not server.models.candidates():  # fail before "listening on": nothing would ever be served
+        raise ModelError(f"no exported model to serve in {args.models} (no *.onnx files); export one with "
+                         "`explainrt export ... -o DIR/NAME.onnx`")
     server.install_signal_handlers()
     server.start(load=False)
     batching = "off" if config.max_queue_delay_ms is None else f"{config.max_queue_delay_ms:g} ms"
+    metrics_host = "0.0.0.0" if args.host in ("[::]", "0.0.0.0") else args.host  # where app.py binds it
     print(f"explainrt serve: listening on {args.host}:{server.port} ({security_summary(config)}; batching {batching})"
-          + (f", metrics on :{server.metrics_port}/metrics" if server.metrics_port else ""), flush=True)
+          + (f", metrics on http://{metrics_host}:{server.metrics_port}/metrics" if server.metrics_port else ""),
+          flush=True)
     warning = exposure_warning(config.host, config)
     if warning:
         print(f"explainrt serve: warning: {warning}", file=sys.stderr, flush=True)
