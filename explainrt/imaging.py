@@ -156,8 +156,8 @@ def check_preprocessed(x: np.ndarray, meta: ModelMetadata, name: str = "input") 
                 if looks_like_image else
                 "; pass an H×W×3 uint8 image instead to let explainrt resize and normalise it")
         raise InvalidInputError(
-            f"{name}: a float array is taken as preprocessed input of shape {expected[1:]} or {expected}, "
-            f"got {given}{hint}"
+            f"{name}: a float array is taken as preprocessed input and must have shape {expected[1:]} or "
+            f"{expected}, got {given}{hint}"
         )
     with np.errstate(over="ignore", invalid="ignore"):
         x = np.ascontiguousarray(x, dtype=np.float32)

@@ -75,7 +75,7 @@ def test_serve_without_models_fails_before_listening(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     proc = run_cli("serve", "--models", str(empty), "--port", "0", check=False)
-    assert proc.returncode == 2 and "no exported model to serve" in proc.stderr
+    assert proc.returncode == 2 and "no exported model could be loaded" in proc.stderr
     assert "listening" not in proc.stdout
 
 

@@ -105,12 +105,16 @@ def _queue_delay(text: str):
 
 def cmd_serve(args) -> int:
     require("grpc", "serve", "`explainrt serve`")
+    import warnings
+
+    from ..api import ConstantMapWarning
     from . import logs
     from .app import ExplainServer
     from .config import ServerConfig
     from .security import exposure_warning, security_summary
 
     logs.configure(args.log_format, logging.INFO)
+    warnings.simplefilter("ignore", ConstantMapWarning)  # a client's own result shows its constant map
     config = ServerConfig(models=args.models, host=args.host, port=args.port, metrics_port=args.metrics_port,
                           workers=args.workers, cheap_workers=args.cheap_workers, queue_size=args.queue_size, batch_size=args.batch_size,
                           backend=args.backend, device=args.device, threads=args.threads,
@@ -124,8 +128,8 @@ def cmd_serve(args) -> int:
                           auth_token_file=args.auth_token_file)
     server = ExplainServer(config)
     if not server.models.candidates():  # fail before "listening on": nothing would ever be served
-        raise ModelError(f"no exported model to serve in {args.models} (no *.onnx files); export one with "
-                         "`explainrt export ... -o DIR/NAME.onnx`")
+        raise ModelError(f"no exported model could be loaded from {args.models} (no *.onnx files); export one "
+                         "with `explainrt export ... -o DIR/NAME.onnx`")
     server.install_signal_handlers()
     server.start(load=False)
     batching = "off" if config.max_queue_delay_ms is None else f"{config.max_queue_delay_ms:g} ms"
