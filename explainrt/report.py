@@ -116,14 +116,14 @@ def write_index(outdir: str, title: str, items: Sequence[ReportItem] = (),
 
     ``items``: the explanations (their files relative to ``outdir``); ``originals``: the RGB
     photograph per image name, inlined as thumbnails; ``notes``: lines of text under the title;
-    ``sections``: (heading, HTML) blocks after the table, e.g. eval's summary and curves.
+    ``sections``: (heading, HTML) blocks before the table, e.g. eval's summary and curves.
     """
     e = html.escape
     parts = [f"<h1>{e(title)}</h1>"] + [f'<p class="note">{e(n)}</p>' for n in notes]
-    if items:
-        parts.append(rows_html(items, outdir, originals or {}))
     for heading, block in sections:
         parts.append(f"<h2>{e(heading)}</h2>{block}")
+    if items:
+        parts.append((f"<h2>{e('Each image')}</h2>" if sections else "") + rows_html(items, outdir, originals or {}))
     page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<meta name=\"viewport\" content=\"width=device-width\"><title>{e(title)}</title>"
             f"<link rel=\"icon\" href=\"data:,\"><style>{_STYLE}</style></head>\n<body>\n"
