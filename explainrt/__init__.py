@@ -18,5 +18,5 @@ def load_model(path: str, backend: str = "onnxruntime", device: str = "cpu", max
     return load_engine(path, backend=backend, device=device, max_batch=max_batch, **kwargs)
 
 
-__all__ = ["ConstantMapWarning", "Engine", "Explainer", "Explanation", "ExplainRTError", "InvalidInputError", "MissingDependencyError",
-           "ModelError", "ModelMetadata", "load_engine", "load_model", "__version__"]
+__all__ = ["ConstantMapWarning", "Engine", "Explainer", "Explanation", "ExplainRTError", "InvalidInputError",
+           "MissingDependencyError", "ModelError", "ModelMetadata", "load_engine", "load_model", "__version__"]

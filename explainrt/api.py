@@ -118,19 +118,13 @@ class Explanation(FirstTargetView):
         (the overlay with its caption and colour bar; ``plain``: the bare overlay), plus Feature CAM's
         ``.vis.png``; with several targets ``<name>.<method>.<target>.*``. Returns the paths by kind,
         per target."""
-        from .figures import caption
-        from .outputs import prepare_output_dir, write_result_files
+        from .outputs import prepare_output_dir, write_targets
 
         prepare_output_dir(directory)
-        several = len(self.targets) > 1
-        files = {}
-        for i, (target, label, saliency) in enumerate(zip(self.targets, self.labels, self.saliency_maps)):
-            files[target] = write_result_files(
-                directory, name, self.method, saliency, self.image, self.visualization if i == 0 else None,
-                caption=None if plain else caption(self.method, label, target, float(self.probs[target]),
-                                                   self.forward_passes),
-                target=target if several else None)
-        return files
+        files = write_targets(directory, name, self.method, self.targets, self.labels,
+                              [self.probs[t] for t in self.targets], self.saliency_maps, self.image,
+                              self.visualization, self.forward_passes, plain)
+        return dict(zip(self.targets, files))
 
 
 class Explainer:

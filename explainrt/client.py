@@ -194,10 +194,11 @@ class ExplainClient:
 
         ``image``: a file path (sent as encoded bytes), encoded bytes, a uint8 H×W×3 array, or a
         preprocessed float32 (3, H, W) array; files and bytes in formats other than PNG and JPEG
-        (BMP, WebP, TIFF) are converted to PNG here, as the server takes only these two. ``params`` are method parameters (values JSON-encoded
-        unless already strings). ``original_size``: maps at the image's size instead of the
-        model's; ``overlay``: also return a PNG overlay; ``top_k``: predictions (server default 5);
-        ``priority`` (-10..10): higher runs first among the requests waiting on the server.
+        (BMP, WebP, TIFF) are converted to PNG here, as the server takes only these two. ``params``
+        are method parameters (values JSON-encoded unless already strings). ``original_size``: maps
+        at the image's size instead of the model's; ``overlay``: also return a PNG overlay;
+        ``top_k``: predictions (server default 5); ``priority`` (-10..10): higher runs first among
+        the requests waiting on the server.
         """
         req = self.request(image, method, target, params, model, saliency_dtype, original_size, overlay, top_k,
                            request_id, priority)

@@ -122,6 +122,20 @@ def write_result_files(outdir: str, stem: str, method: str, saliency: np.ndarray
     return files
 
 
+def write_targets(outdir: str, stem: str, method: str, targets, labels, probs, maps, image: Optional[np.ndarray],
+                  visualization: Optional[np.ndarray], forward_passes: int, plain: bool = False) -> list[dict]:
+    """``write_result_files`` for each explained class (``maps[i]`` of ``targets[i]``), captioned unless
+    ``plain``; several classes are told apart by ``.<target>`` in the names. Feature CAM's visualisation
+    (of the first class) goes with the first. The files per class, in order."""
+    from .figures import caption
+
+    several = len(targets) > 1
+    return [write_result_files(outdir, stem, method, saliency, image, visualization if i == 0 else None,
+                               caption=None if plain else caption(method, label, target, float(prob), forward_passes),
+                               target=target if several else None)
+            for i, (target, label, prob, saliency) in enumerate(zip(targets, labels, probs, maps))]
+
+
 def result_record(image_name: str, method: str, target: int, label: str, prob: float, forward_passes: int,
                   seconds: float, files: dict, top: Optional[list] = None) -> dict:
     """The JSON object printed per (image, method) with --json."""

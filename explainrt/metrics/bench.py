@@ -172,7 +172,7 @@ def describe_machine() -> dict:
 
 
 #: photographs that ship with scikit-image (no download); "motorcycle_left" is stereo_motorcycle's left view
-SAMPLE_IMAGES = ("chelsea", "coffee", "astronaut", "rocket", "motorcycle_left", "retina")
+SAMPLE_IMAGES = ("chelsea", "coffee", "motorcycle_left", "camera", "astronaut", "rocket", "retina")
 
 
 def sample_image(name: str) -> np.ndarray:

@@ -243,7 +243,8 @@ def register(subparsers) -> None:
     p.add_argument("images", nargs="+", help="image files or directories of images")
     p.add_argument("--model", required=True, help="exported .onnx model")
     p.add_argument("--methods", default=DEFAULT_EVAL_METHODS, help=f"comma list or 'all' (default {DEFAULT_EVAL_METHODS})")
-    p.add_argument("-o", "--output", default="eval_out", help="output directory for eval.json, eval.csv, curves.png, index.html, maps/")
+    p.add_argument("-o", "--output", default="eval_out",
+                   help="output directory for eval.json, eval.csv, curves.png, index.html and the maps (maps/)")
     p.add_argument("--step", type=int, default=224, help="pixels inserted/deleted per step (default 224)")
     p.add_argument("--percentile", type=float, default=80.0,
                    help="explanation-map threshold percentile (Feature CAM's evaluation; default 80)")
