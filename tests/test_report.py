@@ -219,3 +219,19 @@ def test_browser_shows_eval_index(tiny_model, tmp_path):
     text = (out / "index.html").read_text()
     assert "insertion AUC" in text and "deletion↓" in text
     assert_page_displays(str(out / "index.html"), expected_images=2 * 3 + 1)
+
+
+def test_demo_runs_fewer_rise_masks_says_so_and_times_its_steps(tiny_model, tmp_path):
+    pytest.importorskip("skimage")
+    out = tmp_path / "demo"
+    proc = run_cli("demo", "--model", tiny_model[1], "--images", "chelsea", "--method", "rise,fem", "-o", str(out),
+                   "--no-progress")
+    assert "RISE runs 500 masks in the demo (its default is 4000" in proc.stderr
+    assert "rise: 501 forward passes" in proc.stdout
+    summary = proc.stdout.strip().splitlines()[-1]
+    assert summary.startswith("demo: done in ") and "photos" in summary and "2 explanations" in summary
+    assert "rise " in summary and "fem " in summary and "export" not in summary  # the model was there already
+    assert (out / "index.html").exists() and (out / "images" / "chelsea.png").exists()
+    proc = run_cli("demo", "--model", tiny_model[1], "--images", "chelsea", "--method", "rise", "-o", str(out),
+                   "--no-progress", "-p", "n_masks=20")
+    assert "rise: 21 forward passes" in proc.stdout and "500 masks" not in proc.stderr  # the user's own count wins
