@@ -32,8 +32,9 @@ def register(subparsers) -> None:
                    help=f"requests that may wait for a worker; more get RESOURCE_EXHAUSTED (default {d.queue_size})")
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size,
                    help=f"masked images per engine call (default {d.batch_size}); larger requests are chunked")
-    p.add_argument("--backend", default=d.backend, choices=("onnxruntime", "torch", "tensorrt"))
-    p.add_argument("--device", default=d.device, choices=("cpu", "cuda"))
+    p.add_argument("--backend", default=d.backend, choices=("onnxruntime", "torch", "tensorrt"),
+                   help=f"engine that runs the models (default {d.backend})")
+    p.add_argument("--device", default=d.device, choices=("cpu", "cuda"), help=f"where they run (default {d.device})")
     p.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads per model")
     p.add_argument("--ort-spinning", action="store_true",
                    help="let ONNX Runtime threads busy-wait between runs (default off: they starve the server's "
