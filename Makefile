@@ -17,7 +17,7 @@ $(VENV)/.dev: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@ $(VENV)/.demo
 
-## Export EfficientNet-Lite0 and explain four scikit-image photographs with every method (out/demo/).
+## Export EfficientNet-Lite0 and explain four scikit-image photographs with every method (RISE at 500 masks); browse out/demo/index.html.
 demo: $(VENV)/.demo
 	$(VENV)/bin/explainrt demo -o out/demo
 

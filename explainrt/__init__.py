@@ -5,7 +5,7 @@
     result = explainer.explain("cat.jpg", method="sidu")
     result.saliency  # float32 (H, W) in [0, 1]
 """
-from .api import Explainer, Explanation
+from .api import ConstantMapWarning, Explainer, Explanation
 from .errors import ExplainRTError, InvalidInputError, MissingDependencyError, ModelError
 from .export.metadata import ModelMetadata
 from .runtime import Engine, load_engine
@@ -18,5 +18,5 @@ def load_model(path: str, backend: str = "onnxruntime", device: str = "cpu", max
     return load_engine(path, backend=backend, device=device, max_batch=max_batch, **kwargs)
 
 
-__all__ = ["Engine", "Explainer", "Explanation", "ExplainRTError", "InvalidInputError", "MissingDependencyError",
-           "ModelError", "ModelMetadata", "load_engine", "load_model", "__version__"]
+__all__ = ["ConstantMapWarning", "Engine", "Explainer", "Explanation", "ExplainRTError", "InvalidInputError",
+           "MissingDependencyError", "ModelError", "ModelMetadata", "load_engine", "load_model", "__version__"]

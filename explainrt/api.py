@@ -5,6 +5,7 @@ import dataclasses
 import logging
 import threading
 import time
+import warnings
 from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
@@ -44,6 +45,10 @@ def target_indices(target: Target, num_classes: Optional[int] = None) -> list[in
                                     f"target class {t} is out of range: class indices are >= 0")
         out.append(int(t))
     return out
+
+
+class ConstantMapWarning(UserWarning):
+    """An explanation's map is constant: the method found no evidence for the class."""
 
 
 class FirstTargetView(CompactRepr):
@@ -100,6 +105,26 @@ class Explanation(FirstTargetView):
         if self.image is None:
             raise InvalidInputError("no original image to overlay on (the input was a preprocessed array)")
         return overlay(self.image, self.saliency, check_range("alpha", alpha, low=0.0, high=1.0))
+
+    @property
+    def constant_targets(self) -> list[int]:
+        """The targets whose map is constant: the method found no evidence for them (e.g. nothing above
+        SIDU's threshold, no positive weight); such a map says nothing."""
+        return [t for t, m in zip(self.targets, self.saliency_maps) if float(m.max()) == float(m.min())]
+
+    def save(self, directory: str, name: str = "image", plain: bool = False) -> dict:
+        """Write what `explainrt explain` writes for this result into ``directory``:
+        ``<name>.<method>.npy`` (the map) and, when the input was an image, ``<name>.<method>.png``
+        (the overlay with its caption and colour bar; ``plain``: the bare overlay), plus Feature CAM's
+        ``.vis.png``; with several targets ``<name>.<method>.<target>.*``. Returns the paths by kind,
+        per target."""
+        from .outputs import prepare_output_dir, write_targets
+
+        prepare_output_dir(directory)
+        files = write_targets(directory, name, self.method, self.targets, self.labels,
+                              [self.probs[t] for t in self.targets], self.saliency_maps, self.image,
+                              self.visualization, self.forward_passes, plain)
+        return dict(zip(self.targets, files))
 
 
 class Explainer:
@@ -183,6 +208,12 @@ class Explainer:
         maps, raw = to_host(xp, maps), to_host(xp, raw)
         t3 = time.perf_counter()
         extras = {k: v for k, v in ctx.extras.items() if isinstance(v, (int, float, str))}
+        for t, m in zip(targets, maps):
+            if float(m.max()) == float(m.min()):
+                warnings.warn(f"{method} found no evidence for class {t} in {prep.name}: its map is constant (e.g. "
+                              "no activation above SIDU's threshold or no positive weight); try another method or "
+                              "its parameters (Explanation.constant_targets lists such classes)",
+                              ConstantMapWarning, stacklevel=2)
         return Explanation(
             method=method, targets=targets, saliency_maps=maps.astype(np.float32), raw_maps=raw.astype(np.float32),
             probs=probs.astype(np.float32), forward_passes=ctx.forward_passes,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import logging
@@ -12,13 +13,18 @@ import time
 from typing import Optional
 
 from .errors import ExplainRTError, InvalidInputError
+from .outputs import expand_image_dirs
 
 log = logging.getLogger(__name__)
 
 # Modules that add their own subcommands with `register(subparsers)`; heavy imports stay lazy.
 COMMAND_MODULES: list[str] = ["explainrt.runtime.cli", "explainrt.server.cli", "explainrt.metrics.cli"]
 
-DEMO_IMAGES = ("chelsea", "coffee", "astronaut", "rocket")
+#: scikit-image photographs EfficientNet-Lite0 classifies right: Egyptian cat 0.78, espresso 0.91, moped 0.50,
+#: tripod 0.95 (astronaut and rocket, shown before, came out "bobsled" and "drilling platform")
+DEMO_IMAGES = ("chelsea", "coffee", "motorcycle_left", "camera")
+DEMO_RISE_MASKS = 500  # the demo's RISE: an eighth of the default 4000 masks, stated when it runs
+DEFAULT_METHOD = "sidu"  # `explain` without --method: quick (a few hundred passes), the project's first method
 
 
 def _bounded(kind: type, low: float, high: Optional[float] = None, above: bool = False, bounds: str = ""):
@@ -149,49 +155,137 @@ def cmd_export(args) -> int:
     return 0
 
 
-def _explain_images(args, images: list[str]) -> int:
+def warn(message: str) -> None:
+    """A one-line warning on stderr: the command goes on."""
+    print(f"explainrt: warning: {message}", file=sys.stderr)
+
+
+def resolve_targets(values: Optional[list[str]], labels: Optional[list[str]],
+                    num_classes: Optional[int] = None) -> Optional[list[int]]:
+    """Class indices for the `--target` values (repeatable; each a class index, a label name in any
+    case, or a comma list of these); duplicates dropped. None when none was given (the top-1 class)."""
+    if not values:
+        return None
+    by_name: dict[str, list[int]] = {}
+    for i, name in enumerate(labels or []):
+        by_name.setdefault(name.strip().lower(), []).append(i)
+    specs = []
+    for value in values:  # a label may itself hold a comma: the whole value is tried as one first
+        specs.extend([value] if value.strip().lower() in by_name else value.split(","))
+    out = []
+    for spec in (s.strip() for s in specs):
+        if spec.lstrip("-").isdigit():
+            index = int(spec)
+            if index < 0:
+                raise InvalidInputError(f"--target must be a class index >= 0, got {index}")
+            if num_classes is not None and index >= num_classes:
+                raise InvalidInputError(f"--target {index} is out of range: the model has {num_classes} classes "
+                                        f"(0..{num_classes - 1})")
+        else:
+            found = by_name.get(spec.lower())
+            if not found:
+                known = "the model has no labels" if not labels else f"labels are e.g. {labels[0]!r}"
+                raise InvalidInputError(f"--target {spec!r} is neither a class index nor a label of the model "
+                                        f"({known})")
+            if len(found) > 1:
+                raise InvalidInputError(f"--target {spec!r} names classes {', '.join(map(str, found))}; "
+                                        "give the index")
+            index = found[0]
+        if index not in out:
+            out.append(index)
+    return out
+
+
+@dataclasses.dataclass
+class RunRecord:
+    """What `explain`/`demo` did, for the summary and index.html."""
+
+    items: list = dataclasses.field(default_factory=list)  # report.ReportItem
+    originals: dict = dataclasses.field(default_factory=dict)  # image name -> RGB
+    seconds_by_method: dict = dataclasses.field(default_factory=dict)
+    failures: int = 0
+
+
+def write_explanation(args, path: str, stem: str, method: str, targets, labels, probs, maps, image, visualization,
+                      forward_passes: int, seconds: float, top, run: RunRecord) -> None:
+    """Write and print one explanation (every class of it): files, a line or JSON object per class."""
+    from .outputs import dumps, result_line, result_record, write_targets
+    from .report import ReportItem
+
+    written = write_targets(args.output, stem, method, targets, labels, probs, maps, image, visualization,
+                            forward_passes, args.plain)
+    for target, label, prob, saliency, files in zip(targets, labels, probs, maps, written):
+        run.items.append(ReportItem(stem, method, target, label, float(prob), forward_passes, seconds, files))
+        if args.json:
+            print(dumps(result_record(path, method, target, label, float(prob), forward_passes, seconds, files,
+                                      top)))
+        else:
+            print(result_line(stem, method, target, label, float(prob), forward_passes, seconds, files, saliency))
+
+
+def _explain_images(args, images: list[str], params: Optional[dict] = None) -> RunRecord:
+    """Explain every image with every method of `--method`, writing files and index.html."""
     from . import Explainer
-    from .outputs import (dumps, output_stems, parse_methods, prepare_output_dir, result_line, result_record,
-                          write_result_files)
+    from .outputs import output_stems, parse_methods, prepare_output_dir
 
     methods = parse_methods(args.method)
-    params = params_by_method(parse_params(args.param), methods)  # bad parameters fail before any image is read
+    if params is None:
+        params = parse_params(args.param)
+    params = params_by_method(params, methods)  # bad parameters fail before any image is read
+    images = expand_image_dirs(images)
     stems = output_stems(images)
     prepare_output_dir(args.output)
     explainer = Explainer(args.model, batch_size=args.batch_size, backend=args.backend, device=args.device,
                           **({"threads": args.threads} if args.threads else {}))
+    meta = explainer.metadata
+    targets = resolve_targets(args.target, meta.labels, meta.num_classes)
     show_bar = not args.no_progress
-    failures = 0
+    run = RunRecord()
     for path, stem in zip(images, stems):
         for method in methods:
             bar = ProgressBar(f"{stem} {method}", show_bar)
             t0 = time.perf_counter()
             try:
-                result = explainer.explain(path, method, target=args.target, progress=bar, **params[method])
+                result = explainer.explain(path, method, target=targets, progress=bar, **params[method])
             except InvalidInputError as exc:
                 bar.close()
                 if len(images) == 1:
                     raise
                 message = " ".join(str(exc).split())
                 print(f"explainrt: error: {'' if path in message else path + ': '}{message}", file=sys.stderr)
-                failures += 1
+                run.failures += 1
                 break
             finally:
                 bar.close()
             seconds = time.perf_counter() - t0
-            files = write_result_files(args.output, stem, method, result.saliency, result.image, result.visualization)
-            prob = float(result.probs[result.target])
-            if args.json:
-                print(dumps(result_record(path, method, result.target, result.label, prob, result.forward_passes,
-                                          seconds, files, [[c, round(p, 6)] for c, p in result.top_k(5)])))
-            else:
-                print(result_line(stem, method, result.target, result.label, prob, result.forward_passes, seconds,
-                                  files, result.saliency))
-    return 1 if failures else 0
+            run.seconds_by_method[method] = run.seconds_by_method.get(method, 0.0) + seconds
+            if result.image is not None:
+                run.originals.setdefault(stem, result.image)
+            write_explanation(args, path, stem, method, result.targets, result.labels,
+                              [result.probs[t] for t in result.targets], result.saliency_maps, result.image,
+                              result.visualization, result.forward_passes, seconds,
+                              [[c, round(p, 6)] for c, p in result.top_k(5)], run)
+    return run
+
+
+def write_run_index(args, run: RunRecord, title: str, notes: list[str]) -> Optional[str]:
+    """index.html for a run that explained something; its path (printed unless --json)."""
+    from .report import write_index
+
+    if not run.items:
+        return None
+    path = write_index(args.output, title, run.items, run.originals, notes)
+    if not args.json:
+        print(f"browse {path}")
+    return path
 
 
 def params_by_method(params: dict, methods: list[str]) -> dict[str, dict]:
-    """Each method's `-p` parameters, every value checked by the method before any work starts."""
+    """Each method's `-p` parameters, every value checked by the method before any work starts.
+
+    A parameter that none of ``methods`` takes (``-p sidu.threshold=0.2`` with `--method fem`)
+    is warned about on stderr: it would have no effect.
+    """
     from .explainers import METHODS
 
     picked = {}
@@ -201,6 +295,11 @@ def params_by_method(params: dict, methods: list[str]) -> dict[str, dict]:
             METHODS[method].create(**picked[method])
         except InvalidInputError as exc:
             raise InvalidInputError(f"{method}: {exc}") from None
+    for key, value in params.items():
+        if not any(method_params({key: value}, m) for m in methods):
+            scope = key.rpartition(".")[0]
+            warn(f"-p {key} is ignored: " + (f"{scope} is not among the methods run ({', '.join(methods)})" if scope
+                                             else f"none of the methods run ({', '.join(methods)}) takes it"))
     return picked
 
 
@@ -226,9 +325,10 @@ def method_params(params: dict, method: str) -> dict:
 
 
 def cmd_explain(args) -> int:
-    if args.target is not None and args.target < 0:
-        raise InvalidInputError(f"--target must be a class index >= 0, got {args.target}")
-    return _explain_images(args, args.images)
+    run = _explain_images(args, args.images)
+    write_run_index(args, run, f"explainrt explain: {os.path.basename(args.model)}",
+                    [f"method {args.method}, backend {args.backend} on {args.device}, batch size {args.batch_size}"])
+    return 1 if run.failures else 0
 
 
 def cmd_methods(args) -> int:
@@ -240,20 +340,29 @@ def cmd_methods(args) -> int:
     return 0
 
 
+def _seconds(t0: float) -> float:
+    return time.perf_counter() - t0
+
+
 def cmd_demo(args) -> int:
-    """Export EfficientNet-Lite0 (once), write scikit-image photographs, explain them with every method."""
+    """Export EfficientNet-Lite0 (once), write scikit-image photographs, explain them with every method;
+    say how long each step took, and write index.html."""
     from .imaging import write_png
 
     from .metrics.bench import sample_image
-    from .outputs import prepare_output_dir
+    from .outputs import parse_methods, prepare_output_dir
 
+    t_start = time.perf_counter()
     prepare_output_dir(args.output)
-    model = args.model
-    if not os.path.isfile(model):
-        print(f"exporting efficientnet-lite0 to {model} …", file=sys.stderr)
+    steps = []
+    if not os.path.isfile(args.model):
+        print(f"exporting efficientnet-lite0 to {args.model} …", file=sys.stderr)
         from .export import export_zoo_model
 
-        export_zoo_model("efficientnet-lite0", model)
+        t0 = time.perf_counter()
+        export_zoo_model("efficientnet-lite0", args.model)
+        steps.append(f"export {_seconds(t0):.1f} s")
+    t0 = time.perf_counter()
     image_dir = os.path.join(args.output, "images")
     os.makedirs(image_dir, exist_ok=True)
     images = []
@@ -261,32 +370,76 @@ def cmd_demo(args) -> int:
         path = os.path.join(image_dir, f"{name}.png")
         write_png(path, sample_image(name))
         images.append(path)
-    args.model = model
-    return _explain_images(args, images)
+    steps.append(f"photos {_seconds(t0):.1f} s")
+    params, notes = parse_params(args.param), []
+    if "rise" in parse_methods(args.method) and not {"n_masks", "rise.n_masks"} & set(params):
+        params["rise.n_masks"] = DEMO_RISE_MASKS
+        notes.append(f"RISE runs {DEMO_RISE_MASKS} masks in the demo (its default is 4000, which takes most of the "
+                     "time on a CPU); -p rise.n_masks=4000 for the full method")
+        print(f"demo: {notes[-1]}", file=sys.stderr)
+    t0 = time.perf_counter()
+    run = _explain_images(args, images, params)
+    per_method = ", ".join(f"{m} {s:.1f} s" for m, s in run.seconds_by_method.items())
+    steps.append(f"{len(run.items)} explanations {_seconds(t0):.1f} s ({per_method})")
+    notes.append(f"model {args.model}; backend {args.backend} on {args.device}, batch size {args.batch_size}")
+    write_run_index(args, run, "explainrt demo: EfficientNet-Lite0 on scikit-image photographs", notes)
+    summary = f"demo: done in {_seconds(t_start):.1f} s: " + ", ".join(steps)
+    print(summary, file=sys.stderr if args.json else sys.stdout)
+    return 1 if run.failures else 0
 
 
-def add_request_options(p) -> None:
+def add_request_options(p, default_method: str = DEFAULT_METHOD) -> None:
     """What to explain and where the files go: shared by `explain`, `demo` and `client`."""
-    p.add_argument("--method", default="all",
-                   help="sidu|scorecam|rise|fem|featurecam|all, or a comma list (default: all)")
+    quick = " (SIDU: a few hundred forward passes; RISE alone takes 4000)" if default_method == "sidu" else ""
+    p.add_argument("--method", default=default_method,
+                   help=f"sidu|scorecam|rise|fem|featurecam|all, or a comma list (default: {default_method}{quick})")
     p.add_argument("-o", "--output", default="out", help="output directory (default: out)")
-    p.add_argument("--target", type=int, default=None, help="class to explain (default: the top-1 class)")
+    p.add_argument("--target", action="append", metavar="CLASS",
+                   help="class to explain: an index, a label name (e.g. 'Egyptian cat') or a comma list; "
+                        "repeatable for several classes (default: the top-1 class)")
     p.add_argument("-p", "--param", action="append", metavar="NAME=VALUE",
-                   help="method parameter, repeatable (e.g. -p n_masks=2000 -p threshold=0.1); see `explainrt methods`")
+                   help="method parameter, repeatable: NAME=VALUE for every method that takes NAME, "
+                        "METHOD.NAME=VALUE for one (e.g. -p n_masks=2000 -p sidu.threshold=0.1); values are JSON "
+                        "literals or strings; see `explainrt methods`")
+    p.add_argument("--plain", action="store_true",
+                   help="bare overlay PNGs: no caption (method, class, probability) and no colour bar")
     p.add_argument("--json", action="store_true", help="print one JSON object per result")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _add_explain_options(p) -> None:
-    add_request_options(p)
+def add_engine_options(p) -> None:
+    """Which engine runs the model: shared by `explain`, `demo`, `eval` and `bench`."""
+    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch", "tensorrt"),
+                   help="engine that runs the model: ONNX Runtime (default), torch (onnx2torch), or a TensorRT plan")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where it runs (default cpu)")
+    p.add_argument("--threads", type=positive_int, default=None, help="intra-op threads (default: the engine's own)")
+
+
+def _add_explain_options(p, default_method: str = DEFAULT_METHOD) -> None:
+    add_request_options(p, default_method)
     p.add_argument("--batch-size", type=positive_int, default=64, help="masked images per engine call (default 64)")
-    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch", "tensorrt"))
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads")
+    add_engine_options(p)
+
+
+EPILOG = """\
+a first run:
+  explainrt demo                                  photographs explained with every method -> out/demo/index.html
+  explainrt export --onnx net.onnx --labels labels.txt -o models/net.onnx
+  explainrt explain --model models/net.onnx cat.jpg --method sidu,fem -o out
+  explainrt methods                               every method's parameters (-p NAME=VALUE, -p METHOD.NAME=VALUE)
+`explainrt COMMAND -h` describes a command; README.md walks through each.
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="explainrt", description=__doc__)
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="explainrt", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Visual explanations (SIDU, Score-CAM, RISE, FEM, Feature CAM) of image classifiers exported\n"
+                    "to ONNX, run as batched forward passes through ONNX Runtime, torch or TensorRT; also a gRPC\n"
+                    "server (serve/client), faithfulness metrics (eval) and benchmarks (bench).")
+    parser.add_argument("--version", action="version", version=f"explainrt {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -302,15 +455,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("explain", help="explain images with one or more methods")
-    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("images", nargs="+", help="image files, or directories of them")
     p.add_argument("--model", required=True, help="exported .onnx model")
     _add_explain_options(p)
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("demo", help="explain scikit-image photographs with the built-in EfficientNet-Lite0")
     p.add_argument("--model", default=os.path.join("models", "lite0.onnx"), help="where the demo model is (exported if missing)")
-    p.add_argument("--images", nargs="+", default=list(DEMO_IMAGES), help="scikit-image data names")
-    _add_explain_options(p)
+    p.add_argument("--images", nargs="+", default=list(DEMO_IMAGES), metavar="NAME",
+                   help=f"scikit-image photographs (default: {' '.join(DEMO_IMAGES)}; also e.g. astronaut and "
+                        "rocket, which it gets wrong, or any other scikit-image data name)")
+    _add_explain_options(p, default_method="all")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("methods", help="list methods and their parameters")
@@ -322,6 +477,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    import warnings
+
+    from .api import ConstantMapWarning
+
+    warnings.simplefilter("ignore", ConstantMapWarning)  # each result line says so itself
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

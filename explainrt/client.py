@@ -157,9 +157,9 @@ class ExplainClient:
         req = pb.ExplainRequest(model=model or self.model or "", method=method, request_id=request_id,
                                 priority=int(priority))
         if isinstance(image, (str, os.PathLike)):
-            req.encoded = read_image_bytes(image)
+            req.encoded = server_readable(read_image_bytes(image), os.fspath(image))
         elif isinstance(image, (bytes, bytearray, memoryview)):
-            req.encoded = bytes(image)
+            req.encoded = server_readable(bytes(image))
         elif isinstance(image, np.ndarray):
             if np.issubdtype(image.dtype, np.floating):
                 req.tensor.CopyFrom(array_to_tensor(image, pb.FLOAT32))
@@ -193,10 +193,12 @@ class ExplainClient:
         """Explain one image on the server.
 
         ``image``: a file path (sent as encoded bytes), encoded bytes, a uint8 H×W×3 array, or a
-        preprocessed float32 (3, H, W) array. ``params`` are method parameters (values JSON-encoded
-        unless already strings). ``original_size``: maps at the image's size instead of the
-        model's; ``overlay``: also return a PNG overlay; ``top_k``: predictions (server default 5);
-        ``priority`` (-10..10): higher runs first among the requests waiting on the server.
+        preprocessed float32 (3, H, W) array; files and bytes in formats other than PNG and JPEG
+        (BMP, WebP, TIFF) are converted to PNG here, as the server takes only these two. ``params``
+        are method parameters (values JSON-encoded unless already strings). ``original_size``: maps
+        at the image's size instead of the model's; ``overlay``: also return a PNG overlay;
+        ``top_k``: predictions (server default 5); ``priority`` (-10..10): higher runs first among
+        the requests waiting on the server.
         """
         req = self.request(image, method, target, params, model, saliency_dtype, original_size, overlay, top_k,
                            request_id, priority)
@@ -331,6 +333,20 @@ class ExplainClient:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def server_readable(data: bytes, name: str = "image bytes") -> bytes:
+    """``data`` as the server takes it: PNG and JPEG as they are; any other format OpenCV reads (BMP,
+    WebP, TIFF, …) decoded here and sent as a lossless PNG, since the server checks an image's size
+    from its PNG/JPEG header before decoding it. Not an image: the bytes unchanged (the server says why)."""
+    from .imaging import decode_image, encode_png, peek_image_size
+
+    if peek_image_size(data) is not None:
+        return data
+    try:
+        return encode_png(decode_image(data, name))
+    except InvalidInputError:
+        return data
 
 
 def _remote_error(exc, hint: Callable[[str], str] = lambda details: "") -> RemoteError:

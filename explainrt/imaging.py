@@ -145,13 +145,19 @@ PREPROCESSED_LIMIT = 1e6  # |(pixel - mean) / std| of any sane normalisation is 
 
 def check_preprocessed(x: np.ndarray, meta: ModelMetadata, name: str = "input") -> np.ndarray:
     """Validate an already-normalised float array (3,H,W) or (1,3,H,W) and return (1,3,H,W)."""
+    given = tuple(x.shape)
     if x.ndim == 3:
         x = x[None]
     expected = (1, meta.channels, *meta.input_size)
     if x.ndim != 4 or tuple(x.shape) != expected:
+        looks_like_image = len(given) == 3 and given[2] in (1, 3, 4) and given[0] not in (1, 3, 4)
+        hint = (f" (it looks like an H×W×{given[2]} picture stored as {x.dtype}: pass it as uint8, e.g. "
+                "(img * 255).round().astype(np.uint8) for values in [0, 1], and explainrt resizes and normalises it)"
+                if looks_like_image else
+                "; pass an H×W×3 uint8 image instead to let explainrt resize and normalise it")
         raise InvalidInputError(
-            f"{name}: a preprocessed array must have shape {expected[1:]} or {expected}, got {tuple(x.shape)}; "
-            "pass an H×W×3 uint8 image instead to let explainrt resize and normalise it"
+            f"{name}: a float array is taken as preprocessed input and must have shape {expected[1:]} or "
+            f"{expected}, got {given}{hint}"
         )
     with np.errstate(over="ignore", invalid="ignore"):
         x = np.ascontiguousarray(x, dtype=np.float32)

@@ -18,11 +18,32 @@ def parse_methods(spec: str) -> list[str]:
     from .explainers import METHODS
 
     methods = list(METHOD_ORDER) if spec == "all" else [m.strip() for m in spec.split(",") if m.strip()]
+    methods = list(dict.fromkeys(methods))  # `sidu,fem,sidu` runs SIDU once
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise InvalidInputError(f"unknown method {', '.join(map(repr, unknown)) or '(none given)'}; "
                                 f"choose from {', '.join(METHODS)} or 'all'")
     return methods
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def expand_image_dirs(paths: list[str]) -> list[str]:
+    """``paths`` with each directory replaced by its image files (sorted by name); a directory
+    without images is refused. Other paths are kept as they are (a missing file fails later, alone)."""
+    from .errors import InvalidInputError
+
+    images = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = sorted(os.path.join(path, n) for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS))
+            if not found:
+                raise InvalidInputError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in directory {path}")
+            images.extend(found)
+        else:
+            images.append(path)
+    return images
 
 
 def output_stems(paths: list[str]) -> list[str]:
@@ -68,17 +89,27 @@ def prepare_output_file(path: str) -> str:
 
 
 def write_result_files(outdir: str, stem: str, method: str, saliency: np.ndarray, image: Optional[np.ndarray],
-                       visualization: Optional[np.ndarray] = None) -> dict:
-    """Write ``<stem>.<method>.npy`` (saliency) and ``<stem>.<method>.png`` (overlay at original size).
+                       visualization: Optional[np.ndarray] = None, caption: Optional[str] = None,
+                       target: Optional[int] = None) -> dict:
+    """Write ``<stem>.<method>.npy`` (saliency) and ``<stem>.<method>.png`` (overlay at original size);
+    with ``target`` (one of several classes explained) ``<stem>.<method>.<target>.npy|.png``.
 
-    Feature CAM also writes its RGB visualisation as ``<stem>.featurecam.vis.png``.
+    Feature CAM also writes its RGB visualisation as ``<stem>.featurecam.vis.png``. With a
+    ``caption`` (see ``explainrt.figures.caption``) each PNG carries it below and a colour bar
+    for the saliency scale on its right; without one the PNGs are the bare pictures.
     """
+    from .figures import labelled
+
     os.makedirs(outdir, exist_ok=True)
-    base = os.path.join(outdir, f"{stem}.{method}")
+    base = os.path.join(outdir, f"{stem}.{method}" + ("" if target is None else f".{target}"))
     np.save(base + ".npy", saliency.astype(np.float32))
     files = {"npy": base + ".npy"}
+
+    def figure(picture: np.ndarray) -> np.ndarray:
+        return picture if caption is None else labelled(picture, caption)
+
     if image is not None:
-        write_png(base + ".png", overlay(image, saliency))
+        write_png(base + ".png", figure(overlay(image, saliency)))
         files["png"] = base + ".png"
     if visualization is not None:
         import cv2
@@ -86,9 +117,23 @@ def write_result_files(outdir: str, stem: str, method: str, saliency: np.ndarray
         vis = visualization
         if image is not None and vis.shape[:2] != image.shape[:2]:
             vis = cv2.resize(vis, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
-        write_png(base + ".vis.png", vis)
+        write_png(base + ".vis.png", figure(vis))
         files["visualization"] = base + ".vis.png"
     return files
+
+
+def write_targets(outdir: str, stem: str, method: str, targets, labels, probs, maps, image: Optional[np.ndarray],
+                  visualization: Optional[np.ndarray], forward_passes: int, plain: bool = False) -> list[dict]:
+    """``write_result_files`` for each explained class (``maps[i]`` of ``targets[i]``), captioned unless
+    ``plain``; several classes are told apart by ``.<target>`` in the names. Feature CAM's visualisation
+    (of the first class) goes with the first. The files per class, in order."""
+    from .figures import caption
+
+    several = len(targets) > 1
+    return [write_result_files(outdir, stem, method, saliency, image, visualization if i == 0 else None,
+                               caption=None if plain else caption(method, label, target, float(prob), forward_passes),
+                               target=target if several else None)
+            for i, (target, label, prob, saliency) in enumerate(zip(targets, labels, probs, maps))]
 
 
 def result_record(image_name: str, method: str, target: int, label: str, prob: float, forward_passes: int,

@@ -27,7 +27,7 @@ def test_explain_all_methods_writes_files(tiny_model, tmp_path):
     img = write_image(tmp_path / "pic.png", random_rgb(50, 70))
     out = tmp_path / "out"
     proc = run_cli("explain", "--model", tiny_model[1], "--method", "all", img, "-o", str(out), "--json",
-                   "-p", "n_masks=40", "--batch-size", "16")
+                   "-p", "n_masks=40", "--batch-size", "16", "--plain")
     records = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [r["method"] for r in records] == ["sidu", "scorecam", "rise", "fem", "featurecam"]
     for r in records:
@@ -37,7 +37,7 @@ def test_explain_all_methods_writes_files(tiny_model, tmp_path):
         import cv2
 
         png = cv2.imread(str(out / f"pic.{r['method']}.png"))
-        assert png.shape == (50, 70, 3)  # overlay at the original size
+        assert png.shape == (50, 70, 3)  # the bare (--plain) overlay at the original size
     assert records[2]["forward_passes"] == 41
     assert (out / "pic.featurecam.vis.png").exists()
 
@@ -184,7 +184,7 @@ def test_scoped_parameters_reach_one_method(tiny_model, tmp_path):
     (["--method", "fem,bogus"], "unknown method 'bogus'"),
     (["-p", "gradcam.k=1"], "unknown method 'gradcam'"),
     (["-p", "fem.n_masks=3"], "unknown parameter 'fem.n_masks'"),
-    (["-p", "k=2"], "featurecam: parameter k must be <= 1"),  # a value only the last method refuses
+    (["--method", "all", "-p", "k=2"], "featurecam: parameter k must be <= 1"),  # only the last method refuses it
 ])
 def test_methods_and_parameters_checked_before_any_image(tiny_model, tmp_path, args, message):
     imgs = [write_image(tmp_path / f"{i}.png", random_rgb(32, 32, seed=i)) for i in range(2)]
@@ -232,6 +232,7 @@ def test_a_constant_map_is_pointed_out(tmp_path):
     export_torch(model, path, input_size=(8, 8), layer="1")
     img = write_image(tmp_path / "a.png", random_rgb(8, 8))
     proc = run_cli("explain", "--model", path, img, "--method", "sidu,fem", "-o", str(tmp_path / "o"), "--no-progress")
-    sidu, fem = proc.stdout.strip().splitlines()
+    sidu, fem, browse = proc.stdout.strip().splitlines()
+    assert browse.startswith("browse ") and browse.endswith("index.html")
     assert "sidu:" in sidu and "constant map" in sidu
     assert "fem:" in fem

@@ -5,7 +5,8 @@ Score-CAM, the paper's own future work) and F is a built-in classical edge descr
 user-supplied HED ONNX model. Inputs: 'edges' (F alone), 'blend21' (image:F 2:1), 'blend11'
 (1:1). Combinations: 'add' (Experiment 1, k·F_in + M) and 'complement' (Experiment 3,
 (1 − F_in) ⊙ M). The paper's top five: add with all three inputs, complement with blend11
-and edges.
+and edges. The RGB visualisation applies the same combination to M drawn as the paper's figures
+draw it: the JET heatmap blended half and half over the photograph.
 """
 from __future__ import annotations
 
@@ -141,9 +142,13 @@ class FeatureCamExplainer(Method):
         f_in = feature_input(ctx.rgb, edge_descriptor(ctx.rgb, self.edges), self.feature_input)
         f_grey = f_in.mean(axis=2)
         maps, visuals = [], []
+        photo = ctx.rgb.astype(np.float32) / 255.0
         for m in base_maps:
             maps.append(combine(f_grey, m, self.combination, self.k))
-            visuals.append(combine(f_in, colormap(m).astype(np.float32) / 255.0, self.combination, self.k))
+            # The paper's M in a figure is the CAM heatmap over the photo (Grad-CAM's usual picture),
+            # so the edges add detail to an image one can still recognise; a bare JET map saturates.
+            heat_over_photo = 0.5 * photo + 0.5 * colormap(m).astype(np.float32) / 255.0
+            visuals.append(combine(f_in, heat_over_photo, self.combination, self.k))
         visual = np.clip(np.rint(np.stack(visuals) * 255.0), 0, 255).astype(np.uint8)
         return {"raw": xp.asarray(np.stack(maps).astype(np.float32)), "visualization": visual,
                 "base_saliency": base_maps}

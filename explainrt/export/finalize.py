@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 def write_checked(path: str, meta: ModelMetadata, write: Callable[[str], None]) -> ModelMetadata:
     """``write(tmp)`` the ONNX file beside ``path``, probe and complete it, then move it to ``path``.
 
-    A failed export leaves no file behind (nor replaces an older good one at ``path``).
+    A failed export leaves no file behind (nor replaces an older good one at ``path``). The file
+    gets the permissions the umask gives a new file (0644 under umask 0022), as ``torch.onnx.export``'s do.
     """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -26,6 +27,7 @@ def write_checked(path: str, meta: ModelMetadata, write: Callable[[str], None]) 
     try:
         write(tmp)
         meta = probe_and_store(tmp, meta)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp made it 0600; a file written with open() would follow the umask
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -33,6 +35,13 @@ def write_checked(path: str, meta: ModelMetadata, write: Callable[[str], None]) 
     log.info("exported %s: activation %s %s, %d classes", path, meta.activation_output, meta.activation_shape,
              meta.num_classes)
     return meta
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it, then put back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def probe_and_store(path: str, meta: ModelMetadata) -> ModelMetadata:

@@ -172,7 +172,7 @@ def describe_machine() -> dict:
 
 
 #: photographs that ship with scikit-image (no download); "motorcycle_left" is stereo_motorcycle's left view
-SAMPLE_IMAGES = ("chelsea", "coffee", "astronaut", "rocket", "motorcycle_left", "retina")
+SAMPLE_IMAGES = ("chelsea", "coffee", "motorcycle_left", "camera", "astronaut", "rocket", "retina")
 
 
 def sample_image(name: str) -> np.ndarray:
@@ -256,3 +256,48 @@ def format_machine(machine: dict) -> str:
     gpu = "; ".join(machine["gpus"]) or "none"
     return (f"machine: {machine['cpu']}, {machine['cpus_usable']}/{machine['cpu_count']} cores usable, GPU: {gpu}, "
             f"{machine['os']}, Python {machine['python']}\nlibraries: {libs}")
+
+
+def plot_bench(path: str, rows: Sequence[LatencyStats], machine: dict, title: Optional[str] = None) -> None:
+    """PNG of p50 (solid) and p99 (dashed) latency per method against batch size, and forward
+    passes per second; the machine and library versions in the caption (matplotlib, Agg backend)."""
+    import textwrap
+
+    from ..errors import require
+
+    matplotlib = require("matplotlib", "eval", "plotting benchmark results")
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, (lat, rate) = plt.subplots(1, 2, figsize=(11, 4.6))
+    by_config: dict = {}
+    for r in rows:
+        by_config.setdefault(f"{r.method} ({r.backend}, {r.device})", []).append(r)
+    for i, (name, runs) in enumerate(by_config.items()):
+        runs = sorted(runs, key=lambda r: r.batch_size)
+        sizes = [r.batch_size for r in runs]
+        colour = f"C{i % 10}"
+        lat.plot(sizes, [r.p50 for r in runs], "o-", color=colour, label=f"{name} p50")
+        lat.plot(sizes, [r.percentile(99) for r in runs], "s--", color=colour, alpha=0.7, label=f"{name} p99")
+        rate.plot(sizes, [r.passes_per_s for r in runs], "o-", color=colour, label=name)
+    for ax, ylabel, heading in ((lat, "seconds per explanation", "latency (p50 solid, p99 dashed)"),
+                                (rate, "forward passes per second (at p50)", "throughput")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({r.batch_size for r in rows}))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_xlabel("batch size (masked images per engine call)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(heading)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    lat.set_yscale("log")
+    if title:
+        fig.suptitle(title)
+    caption = "\n".join(textwrap.wrap(format_machine(machine).replace("\n", "; "), 170))
+    fig.text(0.01, 0.01, caption, fontsize=7, va="bottom")
+    fig.tight_layout(rect=(0, 0.04 + 0.02 * caption.count("\n"), 1, 1))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -7,7 +7,7 @@ import os
 import sys
 import tempfile
 
-from ..cli import params_by_method, positive_int
+from ..cli import add_engine_options, params_by_method, positive_int
 from ..errors import InvalidInputError
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,8 @@ def cmd_eval(args) -> int:
 
     from ..api import Explainer
     from ..cli import ProgressBar, parse_params
-    from ..outputs import parse_methods, prepare_output_dir
+    from ..figures import caption
+    from ..outputs import parse_methods, prepare_output_dir, write_result_files
     from . import evaluate as ev
 
     methods = parse_methods(args.methods)
@@ -50,11 +51,22 @@ def cmd_eval(args) -> int:
                           **_engine_options(args))
     show = not args.no_progress
     records = []
+    written: dict = {}  # (image stem, method) -> overlay files
+    originals: dict = {}
+
+    def write_overlay(stem: str, method: str, result, _seconds: float) -> None:
+        originals.setdefault(stem, result.image)
+        written[stem, method] = write_result_files(
+            os.path.join(args.output, "maps"), stem, method, result.saliency, result.image, result.visualization,
+            caption=None if args.plain else caption(method, result.label, result.target,
+                                                    float(result.probs[result.target]), result.forward_passes))
+
     with tqdm(total=len(images), desc="images", unit="image", file=sys.stderr, disable=None if show else True) as bar:
         for path in images:
             records.extend(ev.evaluate(explainer, [path], methods, params, step=args.step, percentile=args.percentile,
                                        reference_dir=args.reference_dir,
-                                       on_pair=lambda stem, what: ProgressBar(f"{stem} {what}", show)))
+                                       on_pair=lambda stem, what: ProgressBar(f"{stem} {what}", show),
+                                       on_explained=write_overlay))
             bar.update(1)
     summary = ev.summarise(records)
     curves = ev.mean_curves(records)
@@ -71,9 +83,31 @@ def cmd_eval(args) -> int:
                                                f"step {args.step}")
     print(f"{len(images)} image(s), mean ± std over images (insertion/deletion step {args.step}, "
           f"explanation map above the {args.percentile:g}th percentile)")
+    files["index"] = _eval_index(args, records, summary, written, originals, files["plot"],
+                                 f"{meta.name or os.path.basename(args.model)}: {len(images)} image(s), "
+                                 f"insertion/deletion step {args.step}, explanation map above the "
+                                 f"{args.percentile:g}th percentile; {explainer.engine.backend} on "
+                                 f"{explainer.engine.device}")
     print(ev.format_table(summary))
-    print("wrote " + ", ".join(files.values()))
+    print("wrote " + ", ".join(files.values()) + f" and the maps in {os.path.join(args.output, 'maps')}")
     return 0
+
+
+def _eval_index(args, records, summary, written: dict, originals: dict, plot: str, note: str) -> str:
+    """eval's index.html: the summary table, the mean curves, then a row per image with each overlay."""
+    from ..report import ReportItem, image_link, table_html, write_index
+    from . import evaluate as ev
+
+    items = []
+    for r in records:
+        v = r.values()
+        details = {k: f"{v[key]:.4f}" for k, key in (("insertion AUC", "insertion_auc"),
+                                                     ("deletion AUC", "deletion_auc")) if v.get(key) is not None}
+        items.append(ReportItem(r.image, r.method, r.target, r.label, r.probability, r.forward_passes,
+                                r.explain_seconds, written.get((r.image, r.method), {}), details))
+    sections = [("Mean ± std over images", table_html(*ev.table_rows(summary))),
+                ("Insertion and deletion curves (mean over images)", image_link(plot, args.output, "mean curves"))]
+    return write_index(args.output, "explainrt eval", items, originals, [note], sections)
 
 
 def _bench_image(spec: str):
@@ -99,8 +133,9 @@ def _compare(args, model_path: str, image, methods: list, rows: list, threads) -
         if why is None:
             installed.append(peer)
         else:
-            print(f"compare: {peer.name} is not installed or does not import ({why}); "
-                  f"pip install {peer.package} to compare; skipped")
+            print(f"compare: {peer.name} is not installed or does not import ({why}); skipped. Install it in a "
+                  f"separate environment, not this one (pip would replace the pinned CPU torch with a CUDA build): "
+                  f"see README.md, 'Evaluate and benchmark': a .venv-bench of its own")
     if not args.zoo:
         print("compare: peers run on the framework model; use --zoo efficientnet-lite0 (not --model) to compare")
         return []
@@ -120,8 +155,9 @@ def _compare(args, model_path: str, image, methods: list, rows: list, threads) -
     explainer.close()
     results = []
     for peer in wanted:
-        theirs = pr.time_peer(peer, model, layer, x, target, batch_size=args.peer_batch_size, warmup=0,
-                              repeat=args.peer_repeat)
+        with pr.quiet_peer_bars(args.no_progress):
+            theirs = pr.time_peer(peer, model, layer, x, target, batch_size=args.peer_batch_size, warmup=0,
+                                  repeat=args.peer_repeat)
         their_p50 = float(np.median(theirs["times"]))
         for ours in (r for r in rows if r.method == peer.ours):
             results.append({"peer": peer.name, "note": peer.note, "peer_batch_size": args.peer_batch_size,
@@ -155,8 +191,9 @@ def cmd_bench(args) -> int:
     if args.repeat < 1 or args.warmup < 0 or args.peer_repeat < 1:
         raise InvalidInputError("--repeat and --peer-repeat must be >= 1 and --warmup >= 0")
     methods = parse_methods(args.methods)
-    if args.json:
-        prepare_output_file(args.json)
+    for path in (args.json, args.plot):
+        if path:
+            prepare_output_file(path)
     params = params_by_method(parse_params(args.param), methods)
     batch_sizes = _int_list(args.batch_sizes)
     image = _bench_image(args.image)
@@ -185,6 +222,11 @@ def cmd_bench(args) -> int:
     if compare:
         print()
         print(_format_compare(compare))
+    plot = args.plot or (os.path.splitext(args.json)[0] + ".png" if args.json else None)
+    if plot:
+        bench.plot_bench(plot, rows, machine, title=f"{args.model or args.zoo}, image {args.image}: "
+                                                    f"{args.warmup} warm-up + {args.repeat} timed runs")
+        print(f"wrote {plot}")
     if args.json:
         report = {"machine": machine, "model": args.model or args.zoo, "image": args.image, "methods": methods,
                   "params": params, "batch_sizes": batch_sizes, "threads": args.threads, "warmup": args.warmup,
@@ -201,12 +243,14 @@ def register(subparsers) -> None:
     p.add_argument("images", nargs="+", help="image files or directories of images")
     p.add_argument("--model", required=True, help="exported .onnx model")
     p.add_argument("--methods", default=DEFAULT_EVAL_METHODS, help=f"comma list or 'all' (default {DEFAULT_EVAL_METHODS})")
-    p.add_argument("-o", "--output", default="eval_out", help="output directory for eval.json, eval.csv, curves.png")
+    p.add_argument("-o", "--output", default="eval_out",
+                   help="output directory for eval.json, eval.csv, curves.png, index.html and the maps (maps/)")
     p.add_argument("--step", type=int, default=224, help="pixels inserted/deleted per step (default 224)")
     p.add_argument("--percentile", type=float, default=80.0,
                    help="explanation-map threshold percentile (Feature CAM's evaluation; default 80)")
     p.add_argument("--reference-dir", help="directory of reference maps <image stem>.npy|.png for Pearson/SIM/KL")
     p.add_argument("-p", "--param", action="append", metavar="NAME=VALUE", help="method parameter, repeatable")
+    p.add_argument("--plain", action="store_true", help="bare overlay PNGs (no caption, no colour bar)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per engine call (default 64)")
     _engine_arguments(p)
     p.set_defaults(func=cmd_eval)
@@ -222,7 +266,8 @@ def register(subparsers) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per configuration (default 1)")
     p.add_argument("--repeat", type=int, default=5, help="timed runs per configuration (default 5)")
     p.add_argument("-p", "--param", action="append", metavar="NAME=VALUE", help="method parameter, repeatable")
-    p.add_argument("--json", help="write the results as JSON to this file")
+    p.add_argument("--json", help="write the results as JSON to this file (and a plot beside it, as .png)")
+    p.add_argument("--plot", help="write the latency and passes/s plot to this PNG (default: beside --json)")
     p.add_argument("--compare", action="store_true",
                    help="also time installed peers (pytorch-grad-cam ScoreCAM/FEM, Captum Occlusion) on the torch model")
     p.add_argument("--peer-batch-size", type=int, default=32, help="peers' batch size (default 32)")
@@ -234,7 +279,5 @@ def register(subparsers) -> None:
 
 
 def _engine_arguments(p) -> None:
-    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch", "tensorrt"))
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--threads", type=positive_int, default=None, help="intra-op threads (ONNX Runtime and torch peers)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_engine_options(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -20,6 +20,7 @@ import numpy as np
 from .._repr import CompactRepr
 from ..errors import InvalidInputError, require
 from ..imaging import read_image
+from ..outputs import expand_image_dirs
 from .base import format_rows
 from .featurecam_scores import DEFAULT_PERCENTILE, ExplanationMapScore, explanation_map_scores, summarise_explanation_maps
 from .insertion_deletion import DEFAULT_STEP, MODES, CausalCurve, insertion_deletion_curves
@@ -27,7 +28,6 @@ from .similarity import compare_maps, load_reference_map
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 REFERENCE_EXTENSIONS = (".npy", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 #: (key, column title, higher is better?, shown as a percentage without std)
@@ -81,16 +81,9 @@ class ImageEvaluation(CompactRepr):
 
 def collect_images(paths: Sequence[str]) -> list[str]:
     """Image files from files and directories (a directory's images sorted by name)."""
-    images = []
-    for path in paths:
-        if os.path.isdir(path):
-            found = sorted(os.path.join(path, n) for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS))
-            if not found:
-                raise InvalidInputError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in directory {path}")
-            images.extend(found)
-        elif os.path.isfile(path):
-            images.append(path)
-        else:
+    images = expand_image_dirs(list(paths))
+    for path in images:
+        if not os.path.isfile(path):
             raise InvalidInputError(f"image or directory not found: {path}")
     if not images:
         raise InvalidInputError("no images to evaluate")
@@ -110,13 +103,16 @@ def find_reference(reference_dir: str, image_path: str) -> Optional[str]:
 def evaluate(explainer, images: Sequence[str], methods: Sequence[str], params: Optional[Mapping] = None,
              step: int = DEFAULT_STEP, percentile: float = DEFAULT_PERCENTILE, modes: Sequence[str] = MODES,
              reference_dir: Optional[str] = None,
-             on_pair: Optional[Callable[[str, str], Callable]] = None) -> list[ImageEvaluation]:
+             on_pair: Optional[Callable[[str, str], Callable]] = None,
+             on_explained: Optional[Callable[[str, str, object, float], None]] = None) -> list[ImageEvaluation]:
     """Explain each image with each method and score every map.
 
     ``params``: ``{method: {param: value}}``. ``reference_dir``: where ``<stem>.npy|.png``
     reference maps are (images without one get no similarity scores). ``on_pair(image stem,
     stage)`` (stage: a method name, then "insertion/deletion") may return a progress callback
     ``(done, total)`` for that stage; it is closed afterwards when it has ``close()``.
+    ``on_explained(image stem, method, explanation, seconds)`` sees each explanation (e.g. to write
+    its overlay).
     """
     params = params or {}
     records = []
@@ -129,6 +125,8 @@ def evaluate(explainer, images: Sequence[str], methods: Sequence[str], params: O
             with _progress(on_pair, stem, method) as progress:
                 result = explainer.explain(rgb, method, progress=progress, **params.get(method, {}))
             explained[method] = (result, time.perf_counter() - t0)
+            if on_explained is not None:
+                on_explained(stem, method, result, explained[method][1])
         maps = {m: r.saliency for m, (r, _) in explained.items()}
         with _progress(on_pair, stem, "insertion/deletion") as progress:
             curves = insertion_deletion_curves(explainer, rgb, maps, step=step, modes=modes, progress=progress)
@@ -208,6 +206,11 @@ def mean_curves(records: Sequence[ImageEvaluation]) -> dict:
 
 def format_table(summary: dict) -> str:
     """Mean ± std per method (rows) and metric (columns); percentages shown without std."""
+    return format_rows(*table_rows(summary))
+
+
+def table_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
+    """``format_table``'s header and rows of strings."""
     keys = [(k, title, pct) for k, title, _, pct in METRICS if any(k in s for s in summary.values())]
     header = ["method"] + [title for _, title, _ in keys]
     rows = []
@@ -224,7 +227,7 @@ def format_table(summary: dict) -> str:
             else:
                 row.append(f"{s['mean']:.4f} ± {s['std']:.4f}")
         rows.append(row)
-    return format_rows(header, rows)
+    return header, rows
 
 
 def write_json(path: str, records: Sequence[ImageEvaluation], summary: dict, curves: dict, info: dict) -> None:

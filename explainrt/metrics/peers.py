@@ -9,10 +9,13 @@ is the same weighting).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import importlib
 import importlib.util
 import logging
+import sys
 import time
 import types
 from typing import Callable, Optional
@@ -144,6 +147,26 @@ class PassCounter:
 
     def close(self) -> None:
         self._handle.remove()
+
+
+@contextlib.contextmanager
+def quiet_peer_bars(quiet: bool = True):
+    """While active (and ``quiet``), pytorch-grad-cam's own tqdm bars (Score-CAM's "for batch in
+    tqdm.tqdm(...)") are disabled: its modules' ``tqdm`` name is swapped for one whose bars are off."""
+    swapped = []
+    if quiet:
+        import tqdm as real
+
+        off = types.SimpleNamespace(**{**vars(real), "tqdm": functools.partial(real.tqdm, disable=True)})
+        for name, module in list(sys.modules.items()):
+            if name.startswith("pytorch_grad_cam") and getattr(module, "tqdm", None) is real:
+                swapped.append(module)
+                module.tqdm = off
+    try:
+        yield
+    finally:
+        for module in swapped:
+            module.tqdm = real
 
 
 def time_peer(peer: Peer, model, layer, x: np.ndarray, target: int, batch_size: int = 32,

@@ -6,7 +6,7 @@ import os
 import sys
 import time
 
-from ..errors import InvalidInputError, require
+from ..errors import InvalidInputError, ModelError, require
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +32,9 @@ def register(subparsers) -> None:
                    help=f"requests that may wait for a worker; more get RESOURCE_EXHAUSTED (default {d.queue_size})")
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size,
                    help=f"masked images per engine call (default {d.batch_size}); larger requests are chunked")
-    p.add_argument("--backend", default=d.backend, choices=("onnxruntime", "torch", "tensorrt"))
-    p.add_argument("--device", default=d.device, choices=("cpu", "cuda"))
+    p.add_argument("--backend", default=d.backend, choices=("onnxruntime", "torch", "tensorrt"),
+                   help=f"engine that runs the models (default {d.backend})")
+    p.add_argument("--device", default=d.device, choices=("cpu", "cuda"), help=f"where they run (default {d.device})")
     p.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads per model")
     p.add_argument("--ort-spinning", action="store_true",
                    help="let ONNX Runtime threads busy-wait between runs (default off: they starve the server's "
@@ -71,14 +72,17 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_serve)
 
     p = subparsers.add_parser("client", help="explain images on a running server (writes what `explain` writes)")
-    p.add_argument("images", nargs="*", help="image files")
+    p.add_argument("images", nargs="*", help="image files, or directories of them")
     p.add_argument("--url", required=True, help="server address HOST:PORT")
     p.add_argument("--model", default=None, help="model name (default: the server's only model)")
     add_request_options(p)
     p.add_argument("--timeout", type=positive_float, default=None, help="seconds for the whole run (default: none)")
     p.add_argument("--priority", type=int, default=0, choices=range(-10, 11), metavar="-10..10",
                    help="scheduling priority on the server: higher runs first among waiting requests (default 0)")
-    p.add_argument("--list-models", action="store_true", help="print the server's models and exit")
+    p.add_argument("--list-models", action="store_true", help="print the server's models and exit (--json: as JSON)")
+    p.add_argument("--send-tensor", action="store_true",
+                   help="decode each image here and send its raw uint8 H×W×3 pixels (default: the file's bytes; "
+                        "formats other than PNG/JPEG are converted to PNG either way)")
     p.add_argument("--health", action="store_true", help="print the server's health status and exit")
     tls = p.add_argument_group("TLS and authentication")
     tls.add_argument("--tls-ca", default=None, metavar="PEM",
@@ -102,12 +106,16 @@ def _queue_delay(text: str):
 
 def cmd_serve(args) -> int:
     require("grpc", "serve", "`explainrt serve`")
+    import warnings
+
+    from ..api import ConstantMapWarning
     from . import logs
     from .app import ExplainServer
     from .config import ServerConfig
     from .security import exposure_warning, security_summary
 
     logs.configure(args.log_format, logging.INFO)
+    warnings.simplefilter("ignore", ConstantMapWarning)  # a client's own result shows its constant map
     config = ServerConfig(models=args.models, host=args.host, port=args.port, metrics_port=args.metrics_port,
                           workers=args.workers, cheap_workers=args.cheap_workers, queue_size=args.queue_size, batch_size=args.batch_size,
                           backend=args.backend, device=args.device, threads=args.threads,
@@ -120,11 +128,16 @@ def cmd_serve(args) -> int:
                           tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
                           auth_token_file=args.auth_token_file)
     server = ExplainServer(config)
+    if not server.models.candidates():  # fail before "listening on": nothing would ever be served
+        raise ModelError(f"no exported model could be loaded from {args.models} (no *.onnx files); export one "
+                         "with `explainrt export ... -o DIR/NAME.onnx`")
     server.install_signal_handlers()
     server.start(load=False)
     batching = "off" if config.max_queue_delay_ms is None else f"{config.max_queue_delay_ms:g} ms"
+    metrics_host = "0.0.0.0" if args.host in ("[::]", "0.0.0.0") else args.host  # where app.py binds it
     print(f"explainrt serve: listening on {args.host}:{server.port} ({security_summary(config)}; batching {batching})"
-          + (f", metrics on :{server.metrics_port}/metrics" if server.metrics_port else ""), flush=True)
+          + (f", metrics on http://{metrics_host}:{server.metrics_port}/metrics" if server.metrics_port else ""),
+          flush=True)
     warning = exposure_warning(config.host, config)
     if warning:
         print(f"explainrt serve: warning: {warning}", file=sys.stderr, flush=True)
@@ -140,11 +153,10 @@ def cmd_serve(args) -> int:
 
 def cmd_client(args) -> int:
     require("grpc", "serve", "`explainrt client`")
-    from ..cli import ProgressBar, params_by_method, parse_params
+    from ..cli import ProgressBar, RunRecord, params_by_method, parse_params, write_explanation, write_run_index
     from ..client import ExplainClient, RemoteError
     from ..imaging import check_image_path, read_image
-    from ..outputs import (dumps, output_stems, parse_methods, prepare_output_dir, result_line, result_record,
-                           write_result_files)
+    from ..outputs import dumps, expand_image_dirs, output_stems, parse_methods, prepare_output_dir
 
     from ..credentials import read_token_file
 
@@ -157,22 +169,26 @@ def cmd_client(args) -> int:
             print(status)
             return 0 if status == "SERVING" else 1
         if args.list_models:
-            for model in client.list_models():
-                print(f"{model['name']:<24} {model['input_size'][0]}x{model['input_size'][1]} "
-                      f"{model['num_classes']} classes ({model['backend']}, {model['device']})")
+            models = client.list_models()
+            for model in models:
+                if args.json:
+                    print(dumps({**model, "input_size": list(model["input_size"])}))
+                else:
+                    print(f"{model['name']:<24} {model['input_size'][0]}x{model['input_size'][1]} "
+                          f"{model['num_classes']} classes ({model['backend']}, {model['device']})")
             return 0
         if not args.images:
             raise InvalidInputError("give one or more image files (or --list-models / --health)")
-        if args.target is not None and args.target < 0:
-            raise InvalidInputError(f"--target must be a class index >= 0, got {args.target}")
         methods = parse_methods(args.method)
         params = params_by_method(parse_params(args.param), methods)
-        stems = output_stems(args.images)
+        images = expand_image_dirs(args.images)
+        stems = output_stems(images)
+        targets = _client_targets(client, args)
         prepare_output_dir(args.output)
-        for path in args.images:
+        for path in images:
             check_image_path(path)  # a missing file or a directory fails before any request
-        jobs = [(path, stem, method) for path, stem in zip(args.images, stems) for method in methods]
-        requests = ({"image": path, "method": method, "target": args.target,
+        jobs = [(path, stem, method) for path, stem in zip(images, stems) for method in methods]
+        requests = ({"image": read_image(path) if args.send_tensor else path, "method": method, "target": targets,
                      "params": params[method], "request_id": f"{os.path.basename(path)}:{method}",
                      "priority": args.priority}
                     for path, _stem, method in jobs)
@@ -183,7 +199,7 @@ def cmd_client(args) -> int:
             _path, stem, method = jobs[index]
             bars.setdefault(index, ProgressBar(f"{stem} {method}", show_bar))(done, total)
 
-        failures = 0
+        run = RunRecord()
         original = (None, None)  # (path, RGB) of the image being written: results come in job order
         t_start = time.perf_counter()
         for item in client.stream(requests, progress=progress, timeout=args.timeout):
@@ -194,23 +210,31 @@ def cmd_client(args) -> int:
                 if len(jobs) == 1:
                     raise item
                 print(f"explainrt: error: {path} ({method}): {item}", file=sys.stderr)
-                failures += 1
+                run.failures += 1
                 continue
             if original[0] != path:
                 original = (path, read_image(path))
-            files = write_result_files(args.output, stem, method, item.saliency.astype("float32"), original[1],
-                                       item.visualization)
+                run.originals.setdefault(stem, original[1])
             # The server's time on this item: a stream's items are all sent at once and wait for each
             # other in its queue, so the end-to-end latency would add up the items before it.
             seconds = sum(item.timings[k] for k in ("preprocess_s", "base_pass_s", "explain_s", "postprocess_s"))
-            if args.json:
-                print(dumps(result_record(path, method, item.target, item.label, item.probability,
-                                          item.forward_passes, seconds, files,
-                                          [[c, round(p, 6)] for c, p in item.top_k(5)])))
-            else:
-                print(result_line(stem, method, item.target, item.label, item.probability, item.forward_passes,
-                                  seconds, files, item.saliency))
-        log.info("event=client_done items=%d failures=%d seconds=%.3f", len(jobs), failures,
+            write_explanation(args, path, stem, method, item.targets, item.labels, item.probabilities,
+                              item.saliency_maps.astype("float32"), original[1], item.visualization,
+                              item.forward_passes, seconds, [[c, round(p, 6)] for c, p in item.top_k(5)], run)
+        log.info("event=client_done items=%d failures=%d seconds=%.3f", len(jobs), run.failures,
                  time.perf_counter() - t_start)
-    return 1 if failures else 0
+        write_run_index(args, run, f"explainrt client: {args.url}", [f"method {args.method}; times are the server's"])
+    return 1 if run.failures else 0
+
+
+def _client_targets(client, args):
+    """`--target` as class indices; label names are looked up in the server's model metadata."""
+    from ..cli import resolve_targets
+
+    if not args.target:
+        return None
+    if all(part.strip().isdigit() for value in args.target for part in value.split(",")):
+        return resolve_targets(args.target, None)
+    meta = client.metadata(args.model)
+    return resolve_targets(args.target, meta.get("labels"), meta.get("num_classes"))
 

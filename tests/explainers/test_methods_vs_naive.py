@@ -298,12 +298,13 @@ def test_featurecam_matches_formula(explainer, image, acts, feature_input, combi
     f3 = np.repeat(f[:, :, None], 3, axis=2)
     f_in = {"edges": f3, "blend21": (2.0 * img + f3) / 3.0, "blend11": (img + f3) / 2.0}[feature_input]
     grey = f_in.mean(axis=2)
+    heat_over_photo = 0.5 * img + 0.5 * jet_rgb(m)  # the figure's M: the heatmap over the photograph
     if combination == "add":
         want = np.clip(k * grey + m, 0.0, 1.0)
-        want_vis = np.clip(k * f_in + jet_rgb(m), 0.0, 1.0)
+        want_vis = np.clip(k * f_in + heat_over_photo, 0.0, 1.0)
     else:
         want = (1.0 - grey) * m
-        want_vis = (1.0 - f_in) * jet_rgb(m)
+        want_vis = (1.0 - f_in) * heat_over_photo
 
     assert exp.raw_maps.shape == (1, *naive.INPUT_HW)
     np.testing.assert_allclose(exp.raw_maps[0], want, atol=1e-5)

@@ -92,7 +92,8 @@ def test_sigterm_completes_in_flight_requests_then_exits(single_model_dir):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         listening = proc.stdout.readline()
-        match = re.search(r"listening on 127\.0\.0\.1:(\d+) \(.*\), metrics on :(\d+)", listening)
+        match = re.search(r"listening on 127\.0\.0\.1:(\d+) \(.*\), metrics on http://127\.0\.0\.1:(\d+)/metrics",
+                          listening)
         assert match, f"unexpected first line {listening!r}; stderr: {proc.stderr.read() if proc.poll() else ''}"
         port, metrics_port = int(match.group(1)), int(match.group(2))
         assert "serving tiny" in proc.stdout.readline()
