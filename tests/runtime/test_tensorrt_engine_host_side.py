@@ -46,8 +46,8 @@ class FakeTensorRT(types.ModuleType):
                 pass
 
         class Tensor:
-            def __init__(self, name):
-                self.name = name
+            def __init__(self, name, shape=()):
+                self.name, self.shape = name, shape
 
         class Network:
             def __init__(self):
@@ -57,6 +57,9 @@ class FakeTensorRT(types.ModuleType):
 
             def get_output(self, i):
                 return Tensor(self.outputs[i])
+
+            def get_input(self, i):  # TensorRT marks a dynamic axis -1
+                return Tensor(self.input, self.input_shape)
 
         class OnnxParser:
             def __init__(self, network, logger):
@@ -69,6 +72,8 @@ class FakeTensorRT(types.ModuleType):
                 model = onnx.load(path)
                 self.network.outputs = [o.name for o in model.graph.output]
                 self.network.input = model.graph.input[0].name
+                self.network.input_shape = tuple(d.dim_value if d.HasField("dim_value") else -1
+                                                 for d in model.graph.input[0].type.tensor_type.shape.dim)
                 self.network.onnx_bytes = model.SerializeToString()
                 self.network.fp16_weights = any(t.data_type == onnx.TensorProto.FLOAT16
                                                 for t in model.graph.initializer)
@@ -126,11 +131,13 @@ class FakeTensorRT(types.ModuleType):
                 return Profile()
 
             def build_serialized_network(self, network, config):
-                (profile,) = config.profiles
-                trt.calls.append(("build", sorted(config.flags), profile.shape, network.fp16_weights,
+                static = network.input_shape[0] > 0
+                assert len(config.profiles) == (0 if static else 1), "a profile is for dynamic inputs only"
+                profile_shape = None if static else config.profiles[0].shape
+                trt.calls.append(("build", sorted(config.flags), profile_shape, network.fp16_weights,
                                   config.cache.data))
-                header = json.dumps({"outputs": network.outputs, "input": network.input,
-                                     "max_batch": profile.shape[3][0]}).encode()
+                header = json.dumps({"outputs": network.outputs, "input": network.input, "static": static,
+                                     "max_batch": network.input_shape[0] if static else profile_shape[3][0]}).encode()
                 return len(header).to_bytes(4, "little") + header + network.onnx_bytes
 
         class Engine:
@@ -143,7 +150,7 @@ class FakeTensorRT(types.ModuleType):
                 self.names = [info["input"]] + info["outputs"]
                 self.shapes = {i.name: tuple(-1 if not isinstance(d, int) else d for d in i.shape)
                                for i in (*self.session.get_inputs(), *self.session.get_outputs())}
-                self.max_batch = info["max_batch"]
+                self.max_batch, self.static = info["max_batch"], info["static"]
 
             num_io_tensors = property(lambda self: len(self.names))
 
@@ -168,7 +175,7 @@ class FakeTensorRT(types.ModuleType):
 
             def set_input_shape(self, name, shape):
                 trt.calls.append(("set_input_shape", tuple(shape)))
-                if not 1 <= shape[0] <= self.engine.max_batch:
+                if not 1 <= shape[0] <= self.engine.max_batch or (self.engine.static and shape[0] != self.engine.max_batch):
                     return False
                 self.input_shape = tuple(shape)
                 return True
