@@ -142,55 +142,17 @@ def rewrite_batch_constants(model, batch: int, input_name: str, item_shape: Sequ
                                           name=f"explainrt_shape_{i}"))
         return result
 
-    for i, (index, _) in enumerate(candidates):
-        node = out.graph.node[index]
-        data_dep = node.input[0] in dep
-        out_shape = np.shape(values[node.output[0]])
-        if not out_shape or out_shape[0] != batch:
-            continue
-        label = f"{node.op_type} '{node.name or node.output[0]}'"
-        if node.op_type == "Slice":
-            starts = values[node.input[1]].astype(np.int64)
-            ends = values[node.input[2]].astype(np.int64).copy()
-            axes = (values[node.input[3]].astype(np.int64) if len(node.input) > 3 and node.input[3]
-                    else np.arange(starts.size))
-            steps = (values[node.input[4]].astype(np.int64) if len(node.input) > 4 and node.input[4]
-                     else np.ones(starts.size, np.int64))
-            rank = len(np.shape(values[node.input[0]]))
-            hits = [j for j in range(axes.size) if axes[j] % rank == 0 and starts[j] == 0 and steps[j] == 1
-                    and batch <= ends[j] < _INT64_MAX]
-            if not hits or np.shape(values[node.input[0]])[0] != batch:
-                continue
-            was = ends.tolist()
-            ends[hits] = _INT64_MAX
-            name = f"explainrt_ends_{i}"
-            inits.append(numpy_helper.from_array(ends, name))
-            node.input[2] = name
-            changes.append(f"{label} ends {was} -> batch")
-            continue
-        idx = _SHAPE_INPUT[node.op_type]
-        shape_value = np.asarray(values[node.input[idx]]).astype(np.int64).reshape(-1)
-        if shape_value.size == 0:
-            continue
-        lead = int(shape_value[0])
-        if node.op_type == "Reshape":
-            allowzero = any(a.name == "allowzero" and a.i for a in node.attribute)
-            data_shape = np.shape(values[node.input[0]])
-            if not data_dep or not data_shape or data_shape[0] != batch or lead not in (batch, -1) or allowzero:
-                continue
-        elif node.op_type == "Expand":
-            if shape_value.size != len(out_shape) or lead not in (batch, 1):
-                continue
-        elif node.op_type == "Tile":
-            data_shape = np.shape(values[node.input[0]])
-            if data_dep or not data_shape or data_shape[0] != 1 or lead != batch:
-                continue
-        elif node.op_type == "ConstantOfShape":
-            if len(out_shape) < 2 or lead != batch:
-                continue
-        node.input[idx] = leading_from_batch(shape_value[1:], i)
-        what = "repeats" if node.op_type == "Tile" else "shape"
-        changes.append(f"{label} {what} {shape_value.tolist()} -> {['batch', *shape_value[1:].tolist()]}")
+    candidate_at = dict(candidates)
+    batchy = {input_name}  # tensors that carry the batch: computed from the input, or by a rewritten node
+    for i, node in enumerate(out.graph.node):
+        extra = candidate_at.get(i)
+        if extra is not None and not any(name in batchy for name in extra):
+            change = _rewrite_node(node, values, batch, node.input[0] in batchy, i, inits, leading_from_batch)
+            if change:
+                changes.append(change)
+                batchy.update(node.output)
+        if any(name in batchy for name in node.input if name):
+            batchy.update(node.output)
     if changes:
         out.graph.initializer.extend(inits)
         rest = list(out.graph.node)
@@ -199,6 +161,59 @@ def rewrite_batch_constants(model, batch: int, input_name: str, item_shape: Sequ
     _set_batch(out, BATCH_DIM)
     del out.graph.value_info[:]
     return out, changes
+
+
+def _rewrite_node(node, values: dict, batch: int, data_dep: bool, i: int, inits: list, leading_from_batch):
+    """Rewrite one node's shape-like input whose leading entry is ``batch``; returns what changed, or None.
+
+    ``values`` holds the original model's tensors (static batch); ``data_dep`` says whether the
+    node's data input carries the batch.
+    """
+    from onnx import numpy_helper
+
+    out_shape = np.shape(values[node.output[0]])
+    if not out_shape or out_shape[0] != batch:
+        return None
+    label = f"{node.op_type} '{node.name or node.output[0]}'"
+    data_shape = np.shape(values[node.input[0]])
+    if node.op_type == "Slice":  # x[0:N] on the batch axis → x[0:]
+        starts = values[node.input[1]].astype(np.int64)
+        ends = values[node.input[2]].astype(np.int64).copy()
+        axes = (values[node.input[3]].astype(np.int64) if len(node.input) > 3 and node.input[3]
+                else np.arange(starts.size))
+        steps = (values[node.input[4]].astype(np.int64) if len(node.input) > 4 and node.input[4]
+                 else np.ones(starts.size, np.int64))
+        hits = [j for j in range(axes.size) if axes[j] % len(data_shape) == 0 and starts[j] == 0 and steps[j] == 1
+                and batch <= ends[j] < _INT64_MAX]
+        if not data_dep or not hits or data_shape[0] != batch:
+            return None
+        was = ends.tolist()
+        ends[hits] = _INT64_MAX
+        name = f"explainrt_ends_{i}"
+        inits.append(numpy_helper.from_array(ends, name))
+        node.input[2] = name
+        return f"{label} ends {was} -> to the end of the batch"
+    idx = _SHAPE_INPUT[node.op_type]
+    shape_value = np.asarray(values[node.input[idx]]).astype(np.int64).reshape(-1)
+    if shape_value.size == 0:
+        return None
+    lead = int(shape_value[0])
+    if node.op_type == "Reshape":  # a batch-carrying tensor reshaped to [N, ...] or [-1, ...]
+        allowzero = any(a.name == "allowzero" and a.i for a in node.attribute)
+        if not data_dep or not data_shape or data_shape[0] != batch or lead not in (batch, -1) or allowzero:
+            return None
+    elif node.op_type == "Expand":  # e.g. a class token expanded to the batch
+        if shape_value.size != len(out_shape) or lead not in (batch, 1):
+            return None
+    elif node.op_type == "Tile":  # a constant of batch 1 repeated N times
+        if data_dep or not data_shape or data_shape[0] != 1 or lead != batch:
+            return None
+    elif node.op_type == "ConstantOfShape":
+        if len(out_shape) < 2 or lead != batch:
+            return None
+    node.input[idx] = leading_from_batch(shape_value[1:], i)
+    what = "repeats" if node.op_type == "Tile" else "shape"
+    return f"{label} {what} {shape_value.tolist()} -> {['batch', *shape_value[1:].tolist()]}"
 
 
 def prove_batch_rewrite(original, rewritten, batch: int, input_name: str, item_shape: Sequence[int],
