@@ -97,31 +97,21 @@ def rewrite_batch_constants(model, batch: int, input_name: str, item_shape: Sequ
 
     ``model`` has the fixed batch on its input and outputs; the copy returned has ``batch`` as
     symbolic dim ``"batch"`` there, and each rewritten constant's leading entry computed from the input.
+    Which axis of each tensor holds the batch (as its outermost factor) is followed through the
+    graph (``_batch_axes``), so a Reshape that folds the batch into a larger leading axis, as a
+    window partition's ``(batch·windows, …)``, becomes ``batch × windows``; where the batch moves
+    inside an axis (``(tokens, batch·heads, …)``) it is not touched, and the proof fails.
     """
     from onnx import helper, numpy_helper
 
     graph = model.graph
-    dep = _input_dependent(graph, input_name)
-    candidates = []
-    for index, node in enumerate(graph.node):  # (node index, its input-independent shape-like inputs)
-        if node.op_type in _SHAPE_INPUT:
-            idx = _SHAPE_INPUT[node.op_type]
-            if len(node.input) > idx and node.input[idx] and node.input[idx] not in dep:
-                candidates.append((index, [node.input[idx]]))
-        elif node.op_type == "Slice" and len(node.input) >= 3 and node.input[0] in dep:
-            rest = [i for i in node.input[1:] if i]
-            if not any(i in dep for i in rest):
-                candidates.append((index, rest))
-    if not candidates:
-        out = copy.deepcopy(model)
-        _set_batch(out, BATCH_DIM)
-        return out, []
-    wanted = []
-    for index, extra in candidates:
-        node = graph.node[index]
-        wanted += [node.input[0], node.output[0], *extra]
     x = np.zeros((batch, *item_shape), np.float32)
-    values = _probe_values(model, list(dict.fromkeys(wanted)), input_name, x)
+    names = [o for node in graph.node for o in node.output if o]
+    values = _probe_values(model, list(dict.fromkeys(names)), input_name, x)
+    values[input_name] = x
+    for init in graph.initializer:
+        values.setdefault(init.name, numpy_helper.to_array(init))
+    dep = _input_dependent(graph, input_name)
 
     out = copy.deepcopy(model)  # same node order as ``model``
     batch_name = "explainrt_batch"
@@ -133,26 +123,36 @@ def rewrite_batch_constants(model, batch: int, input_name: str, item_shape: Sequ
     inits = [numpy_helper.from_array(np.array([0], np.int64), "explainrt_batch_index")]
     changes = []
 
-    def leading_from_batch(tail: np.ndarray, i: int) -> str:
-        """A new shape tensor: Concat(batch, tail)."""
+    def leading_from_batch(tail: np.ndarray, i: int, factor: int = 1) -> str:
+        """A new shape tensor: Concat(batch · factor, tail)."""
+        lead = batch_name
+        if factor != 1:
+            lead = f"explainrt_lead_{i}"
+            inits.append(numpy_helper.from_array(np.array([factor], np.int64), f"explainrt_factor_{i}"))
+            new_nodes.append(helper.make_node("Mul", [batch_name, f"explainrt_factor_{i}"], [lead], name=lead))
         tail_name = f"explainrt_tail_{i}"
         inits.append(numpy_helper.from_array(tail.astype(np.int64), tail_name))
         result = f"explainrt_shape_{i}"
-        new_nodes.append(helper.make_node("Concat", [batch_name, tail_name], [result], axis=0,
-                                          name=f"explainrt_shape_{i}"))
+        new_nodes.append(helper.make_node("Concat", [lead, tail_name], [result], axis=0, name=result))
         return result
 
-    candidate_at = dict(candidates)
-    batchy = {input_name}  # tensors that carry the batch: computed from the input, or by a rewritten node
+    axis_of: dict = {input_name: 0}  # batch-carrying tensor → the axis whose outermost factor is the batch (or None)
     for i, node in enumerate(out.graph.node):
-        extra = candidate_at.get(i)
-        if extra is not None and not any(name in batchy for name in extra):
-            change = _rewrite_node(node, values, batch, node.input[0] in batchy, i, inits, leading_from_batch)
+        shape_like = _shape_like_inputs(node)
+        if (shape_like and node.input[0] in axis_of and not any(n in dep for n in shape_like)) or (
+                node.op_type in ("Expand", "Tile", "ConstantOfShape") and shape_like
+                and not any(n in dep for n in shape_like)):
+            change = _rewrite_node(node, values, batch, axis_of.get(node.input[0], "none"), i, inits,
+                                   leading_from_batch)
             if change:
                 changes.append(change)
-                batchy.update(node.output)
-        if any(name in batchy for name in node.input if name):
-            batchy.update(node.output)
+                axis_of.update({o: 0 for o in node.output})
+                continue
+        if node.op_type in ("Shape", "Size"):  # its value depends on the batch, but it holds no samples
+            continue
+        if any(name in axis_of for name in node.input if name):
+            for o, a in zip(node.output, _batch_axes(node, axis_of, values, dep)):
+                axis_of[o] = a
     if changes:
         out.graph.initializer.extend(inits)
         rest = list(out.graph.node)
@@ -163,29 +163,152 @@ def rewrite_batch_constants(model, batch: int, input_name: str, item_shape: Sequ
     return out, changes
 
 
-def _rewrite_node(node, values: dict, batch: int, data_dep: bool, i: int, inits: list, leading_from_batch):
+def _shape_like_inputs(node) -> list:
+    if node.op_type in _SHAPE_INPUT:
+        idx = _SHAPE_INPUT[node.op_type]
+        return [node.input[idx]] if len(node.input) > idx and node.input[idx] else []
+    if node.op_type == "Slice" and len(node.input) >= 3:
+        return [n for n in node.input[1:] if n]
+    return []
+
+
+_SAME_AXIS = {  # ops whose outputs keep the batch axis of their (first batch-carrying) input
+    "Relu", "Sigmoid", "Tanh", "Gelu", "Erf", "Exp", "Log", "Sqrt", "Neg", "Abs", "Clip", "Cast", "Identity",
+    "Dropout", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu", "Selu", "Softplus", "PRelu", "Mish", "Reciprocal",
+    "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where", "Equal", "Less", "Greater", "And", "Or", "Not",
+    "Floor", "Ceil", "Round", "Sign", "Sin", "Cos",
+}
+_NCHW = {"Conv", "ConvTranspose", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
+         "BatchNormalization", "InstanceNormalization", "LpNormalization", "Resize", "Upsample", "LRN",
+         "DepthToSpace", "SpaceToDepth"}
+
+
+def _ints(values: dict, node, attr: str, input_index: int):
+    """An int-list attribute, or (newer opsets) the constant input that replaced it; None if unknown."""
+    for a in node.attribute:
+        if a.name == attr:
+            return list(a.ints) if a.ints else [a.i]
+    if len(node.input) > input_index and node.input[input_index]:
+        v = values.get(node.input[input_index])
+        return None if v is None else [int(t) for t in np.asarray(v).reshape(-1)]
+    return []
+
+
+def _attr(node, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return a.i
+    return default
+
+
+def _batch_axes(node, axis_of: dict, values: dict, dynamic: set) -> list:
+    """For each output of ``node``: the axis holding the batch as its outermost factor, or None (unknown).
+
+    ``dynamic``: tensors computed from the input (a shape computed from ``Shape`` is one).
+    """
+    op, n_out = node.op_type, len(node.output)
+    carried = [(j, axis_of[name]) for j, name in enumerate(node.input) if name in axis_of]
+    unknown = [None] * n_out
+    if any(a is None for _, a in carried):
+        return unknown
+    rank = lambda name: np.ndim(values[name]) if name in values else None  # noqa: E731
+    out_rank = rank(node.output[0]) if node.output and node.output[0] else None
+    j, a = carried[0]
+    in_rank = rank(node.input[j])
+    if in_rank is None or out_rank is None:
+        return unknown
+    moved = {b + out_rank - rank(node.input[k]) for k, b in carried}  # broadcasting aligns on the right
+    if op in _SAME_AXIS:
+        return [moved.pop()] * n_out if len(moved) == 1 else unknown
+    if op == "MatMul":  # the batch on a broadcast (leading) axis of either side
+        ok = all(b < rank(node.input[k]) - (1 if k == 0 else 2) for k, b in carried)
+        return [moved.pop()] if ok and len(moved) == 1 else unknown
+    if len(carried) > 1 and op not in ("Concat",):
+        return unknown
+    if op in _NCHW:
+        return [0] * n_out if a == 0 else unknown
+    if op in ("Softmax", "LogSoftmax", "Hardmax", "LayerNormalization", "Flatten", "CumSum"):
+        axis = _attr(node, "axis", -1 if op != "Flatten" else 1) % max(in_rank, 1)
+        if op == "LayerNormalization" and a < axis or op in ("Softmax", "LogSoftmax", "Hardmax") and a != axis:
+            return [a] + [None] * (n_out - 1)
+        if op == "Flatten" and all(d == 1 for d in np.shape(values[node.input[0]])[:a]) and a < axis:
+            return [0]
+        return unknown
+    if op == "Gemm":
+        return [0] if j == 0 and a == 0 and not _attr(node, "transA", 0) else unknown
+    if op == "Transpose":
+        perm = _ints(values, node, "perm", 99) or list(range(in_rank))[::-1]
+        return [perm.index(a)]
+    if op in ("Concat", "Split"):
+        axis = _attr(node, "axis", 0) % in_rank
+        return unknown if axis == a or len({b for _, b in carried}) > 1 else [a] * n_out
+    if op == "Gather":
+        axis = _attr(node, "axis", 0) % in_rank
+        if j != 0 or axis == a:
+            return unknown
+        return [a if axis > a else a + rank(node.input[1]) - 1]
+    if op in ("Squeeze", "Unsqueeze"):
+        axes = _ints(values, node, "axes", 1)
+        if axes is None:
+            return unknown
+        if op == "Squeeze":
+            axes = [t % in_rank for t in axes] or [d for d, s in enumerate(np.shape(values[node.input[0]])) if s == 1]
+            return unknown if a in axes else [a - sum(t < a for t in axes)]
+        axes = sorted(t % out_rank for t in axes)
+        kept = [d for d in range(out_rank) if d not in axes]
+        return [kept[a]]
+    if op.startswith("Reduce") or op in ("ArgMax", "ArgMin"):
+        axes = _ints(values, node, "axes" if not op.startswith("Arg") else "axis", 1)
+        if not axes:
+            return unknown
+        axes = [t % in_rank for t in axes]
+        keep = _attr(node, "keepdims", 1)
+        return unknown if a in axes else [a if keep else a - sum(t < a for t in axes)]
+    if op == "Slice":
+        axes = _ints(values, node, "axes", 3)
+        starts = _ints(values, node, "starts", 1)
+        axes = list(range(len(starts or []))) if axes == [] else axes
+        if axes is None or a in [t % in_rank for t in axes]:
+            return unknown
+        return [a]
+    if op == "Pad":
+        pads = _ints(values, node, "pads", 1)
+        if pads and pads[a] == 0 and pads[a + in_rank] == 0:
+            return [a]
+        return unknown
+    if op == "Reshape":  # not rewritten: its leading entry copies (0), infers (-1) or computes the batch
+        shape = _ints(values, node, "shape", 1)
+        flat_outer = all(d == 1 for d in np.shape(values[node.input[0]])[:a])
+        computed = node.input[1] in dynamic
+        return [0] if shape and (shape[0] in (0, -1) or computed) and flat_outer else unknown
+    if op in ("Expand", "Tile"):
+        return [a] if out_rank == in_rank else unknown
+    return unknown
+
+
+def _rewrite_node(node, values: dict, batch: int, data_axis, i: int, inits: list, leading_from_batch):
     """Rewrite one node's shape-like input whose leading entry is ``batch``; returns what changed, or None.
 
-    ``values`` holds the original model's tensors (static batch); ``data_dep`` says whether the
-    node's data input carries the batch.
+    ``values`` holds the original model's tensors (static batch); ``data_axis`` is the batch axis
+    of the node's data input (None: it carries the batch somewhere unknown; "none": it does not).
     """
     from onnx import numpy_helper
 
     out_shape = np.shape(values[node.output[0]])
-    if not out_shape or out_shape[0] != batch:
+    if not out_shape:
         return None
     label = f"{node.op_type} '{node.name or node.output[0]}'"
-    data_shape = np.shape(values[node.input[0]])
+    data_shape = np.shape(values[node.input[0]]) if node.input[0] in values else ()
     if node.op_type == "Slice":  # x[0:N] on the batch axis → x[0:]
-        starts = values[node.input[1]].astype(np.int64)
-        ends = values[node.input[2]].astype(np.int64).copy()
-        axes = (values[node.input[3]].astype(np.int64) if len(node.input) > 3 and node.input[3]
+        starts = np.asarray(values[node.input[1]]).astype(np.int64)
+        ends = np.asarray(values[node.input[2]]).astype(np.int64).copy()
+        axes = (np.asarray(values[node.input[3]]).astype(np.int64) if len(node.input) > 3 and node.input[3]
                 else np.arange(starts.size))
-        steps = (values[node.input[4]].astype(np.int64) if len(node.input) > 4 and node.input[4]
+        steps = (np.asarray(values[node.input[4]]).astype(np.int64) if len(node.input) > 4 and node.input[4]
                  else np.ones(starts.size, np.int64))
         hits = [j for j in range(axes.size) if axes[j] % len(data_shape) == 0 and starts[j] == 0 and steps[j] == 1
                 and batch <= ends[j] < _INT64_MAX]
-        if not data_dep or not hits or data_shape[0] != batch:
+        if data_axis != 0 or not hits or data_shape[0] != batch:
             return None
         was = ends.tolist()
         ends[hits] = _INT64_MAX
@@ -197,23 +320,29 @@ def _rewrite_node(node, values: dict, batch: int, data_dep: bool, i: int, inits:
     shape_value = np.asarray(values[node.input[idx]]).astype(np.int64).reshape(-1)
     if shape_value.size == 0:
         return None
-    lead = int(shape_value[0])
-    if node.op_type == "Reshape":  # a batch-carrying tensor reshaped to [N, ...] or [-1, ...]
+    lead, factor = int(shape_value[0]), 1
+    if node.op_type == "Reshape":  # the batch, outermost in the data, stays the outermost factor of axis 0
         allowzero = any(a.name == "allowzero" and a.i for a in node.attribute)
-        if not data_dep or not data_shape or data_shape[0] != batch or lead not in (batch, -1) or allowzero:
+        if data_axis in (None, "none") or allowzero or lead <= 0 or lead % batch or out_shape[0] != lead:
             return None
+        if not all(d == 1 for d in data_shape[:data_axis]):
+            return None
+        factor = lead // batch
+    elif out_shape[0] != batch:
+        return None
     elif node.op_type == "Expand":  # e.g. a class token expanded to the batch
-        if shape_value.size != len(out_shape) or lead not in (batch, 1):
+        if shape_value.size != len(out_shape) or lead not in (batch, 1) or data_axis not in (0, "none"):
             return None
     elif node.op_type == "Tile":  # a constant of batch 1 repeated N times
-        if data_dep or not data_shape or data_shape[0] != 1 or lead != batch:
+        if data_axis != "none" or not data_shape or data_shape[0] != 1 or lead != batch:
             return None
     elif node.op_type == "ConstantOfShape":
         if len(out_shape) < 2 or lead != batch:
             return None
-    node.input[idx] = leading_from_batch(shape_value[1:], i)
+    node.input[idx] = leading_from_batch(shape_value[1:], i, factor)
     what = "repeats" if node.op_type == "Tile" else "shape"
-    return f"{label} {what} {shape_value.tolist()} -> {['batch', *shape_value[1:].tolist()]}"
+    new_lead = "batch" if factor == 1 else f"batch*{factor}"
+    return f"{label} {what} {shape_value.tolist()} -> {[new_lead, *shape_value[1:].tolist()]}"
 
 
 def prove_batch_rewrite(original, rewritten, batch: int, input_name: str, item_shape: Sequence[int],

@@ -84,6 +84,29 @@ class TokenNet(nn.Module):
         return self.head(torch.cat([grid.mean((2, 3)), t[:, 0]], dim=1))
 
 
+class WindowNet(nn.Module):
+    """Swin-style window attention: (b, H, W, C) partitioned into (b·windows, tokens, C) and back."""
+
+    def __init__(self, c: int = 12, ws: int = 4):
+        super().__init__()
+        self.c, self.ws = c, ws
+        self.embed = nn.Conv2d(3, c, 2, stride=2)
+        self.qkv = nn.Linear(c, 3 * c)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(c, 5)
+
+    def forward(self, x):
+        x = self.embed(x).permute(0, 2, 3, 1)  # (b, 8, 8, c)
+        b, h, w, c = x.shape
+        ws, nw = self.ws, (h // self.ws) * (w // self.ws)
+        t = x.view(b, h // ws, ws, w // ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(b * nw, ws * ws, c)
+        q, k, v = self.qkv(t).chunk(3, dim=-1)
+        t = t + torch.softmax(q @ k.transpose(1, 2) / c ** 0.5, dim=-1) @ v
+        x = t.view(b, h // ws, w // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
+        x = self.act(x.permute(0, 3, 1, 2))
+        return self.fc(x.mean((2, 3)))
+
+
 class TorchVit(nn.Module):
     """torch's own TransformerEncoderLayer: its attention folds the batch into the heads axis
     (reshape (tokens, batch·heads, dim)), which a leading-entry rewrite cannot make dynamic."""
@@ -148,6 +171,7 @@ PATTERNS = {  # model, an op the rewrite must have changed
     "channel_shuffle": (ShuffleNet, "Reshape"),
     "tokens_expand_cls": (lambda: TokenNet("expand"), "Expand"),
     "tokens_repeat_cls": (lambda: TokenNet("repeat"), "Expand"),  # torch exports repeat as Expand + Tile
+    "window_partition": (WindowNet, "Reshape"),  # (b·windows, …): the batch times a factor
 }
 
 
@@ -162,6 +186,8 @@ def test_fixed_batch_export_is_rewritten_and_runs_any_batch(tmp_path, pattern):
     info = meta.batch_rewrite
     assert meta.fixed_batch is None and info["status"] == "rewritten" and info["original_batch"] == 1
     assert any(r.startswith(op) for r in info["rewrites"]), info["rewrites"]
+    if pattern == "window_partition":
+        assert any("['batch*4', 16, 12]" in r for r in info["rewrites"]), info["rewrites"]
     assert info["proven_batches"] == [1, 2, 3, 5] and info["max_error"] < 1e-5
     stored = ModelMetadata.from_json({p.key: p.value for p in onnx.load(dst).metadata_props}["explainrt"])
     assert stored.batch_rewrite == info and stored.fixed_batch is None
