@@ -138,10 +138,9 @@ def rewrite_batch_constants(model, batch: int, input_name: str, item_shape: Sequ
 
     axis_of: dict = {input_name: 0}  # batch-carrying tensor → the axis whose outermost factor is the batch (or None)
     for i, node in enumerate(out.graph.node):
-        shape_like = _shape_like_inputs(node)
-        if (shape_like and node.input[0] in axis_of and not any(n in dep for n in shape_like)) or (
-                node.op_type in ("Expand", "Tile", "ConstantOfShape") and shape_like
-                and not any(n in dep for n in shape_like)):
+        shape_like = _shape_like_inputs(node)  # constant shapes: of a batch-carrying tensor, or making one
+        if shape_like and not any(n in dep for n in shape_like) and (
+                node.input[0] in axis_of or node.op_type in ("Expand", "Tile", "ConstantOfShape")):
             change = _rewrite_node(node, values, batch, axis_of.get(node.input[0], "none"), i, inits,
                                    leading_from_batch)
             if change:
@@ -223,6 +222,14 @@ def _batch_axes(node, axis_of: dict, values: dict, dynamic: set) -> list:
     if op == "MatMul":  # the batch on a broadcast (leading) axis of either side
         ok = all(b < rank(node.input[k]) - (1 if k == 0 else 2) for k, b in carried)
         return [moved.pop()] if ok and len(moved) == 1 else unknown
+    if op == "Einsum":  # the batch's letter, wherever the output puts it
+        terms = next((a.s.decode() for a in node.attribute if a.name == "equation"), "").replace(" ", "")
+        if "->" not in terms or "." in terms:
+            return unknown
+        ins, result = terms.split("->")
+        ins = ins.split(",")
+        letters = {ins[k][b] for k, b in carried if b < len(ins[k])}
+        return [result.index(letters.pop())] if len(letters) == 1 and letters <= set(result) else unknown
     if len(carried) > 1 and op not in ("Concat",):
         return unknown
     if op in _NCHW:
@@ -323,9 +330,12 @@ def _rewrite_node(node, values: dict, batch: int, data_axis, i: int, inits: list
     lead, factor = int(shape_value[0]), 1
     if node.op_type == "Reshape":  # the batch, outermost in the data, stays the outermost factor of axis 0
         allowzero = any(a.name == "allowzero" and a.i for a in node.attribute)
-        if data_axis in (None, "none") or allowzero or lead <= 0 or lead % batch or out_shape[0] != lead:
+        if data_axis == "none" or allowzero or lead <= 0 or lead % batch or out_shape[0] != lead:
             return None
-        if not all(d == 1 for d in data_shape[:data_axis]):
+        if data_axis is None:  # lost track of it: the batch is taken to lead, as it does at export (proof checks)
+            if not data_shape or data_shape[0] != batch or lead != batch:
+                return None
+        elif not all(d == 1 for d in data_shape[:data_axis]):
             return None
         factor = lead // batch
     elif out_shape[0] != batch:
