@@ -214,7 +214,7 @@ def _batch_axes(node, axis_of: dict, values: dict, dynamic: set) -> list:
     out_rank = rank(node.output[0]) if node.output and node.output[0] else None
     j, a = carried[0]
     in_rank = rank(node.input[j])
-    if in_rank is None or out_rank is None:
+    if out_rank is None or any(rank(node.input[k]) is None for k, _ in carried):
         return unknown
     moved = {b + out_rank - rank(node.input[k]) for k, b in carried}  # broadcasting aligns on the right
     if op in _SAME_AXIS:

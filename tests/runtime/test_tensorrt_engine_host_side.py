@@ -175,7 +175,8 @@ class FakeTensorRT(types.ModuleType):
 
             def set_input_shape(self, name, shape):
                 trt.calls.append(("set_input_shape", tuple(shape)))
-                if not 1 <= shape[0] <= self.engine.max_batch or (self.engine.static and shape[0] != self.engine.max_batch):
+                e = self.engine
+                if not 1 <= shape[0] <= e.max_batch or (e.static and shape[0] != e.max_batch):
                     return False
                 self.input_shape = tuple(shape)
                 return True
