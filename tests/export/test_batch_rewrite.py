@@ -291,3 +291,41 @@ def test_cli_export_says_which_path_it_took(tmp_path, capsys):
     assert cli.main(["export", "--onnx", str(tmp_path / "plain.onnx"), "-o", str(tmp_path / "b.onnx"),
                      "--keep-fixed-batch"]) == 0
     assert "batch fixed at 1 (the batch rewrite was turned off)" in capsys.readouterr().out
+
+
+def test_tile_slice_and_constant_of_shape_patterns(tmp_path):
+    """A graph written by hand with the other shape inputs that hard-code batch 1: a constant tiled to
+    the batch, ConstantOfShape([1, 1]) and a Slice [0:1] on the batch axis; checked against NumPy."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(7)
+    weight = rng.standard_normal((4, 3, 1, 1)).astype(np.float32)
+    extra = rng.standard_normal((1, 2)).astype(np.float32)
+    ints = lambda name, v: numpy_helper.from_array(np.array(v, np.int64), name)  # noqa: E731
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["conv"]),
+        helper.make_node("Slice", ["conv", "s0", "s1", "s0"], ["act"]),  # conv[0:1] on the batch axis
+        helper.make_node("GlobalAveragePool", ["act"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
+        helper.make_node("Tile", ["extra", "reps"], ["tiled"]),
+        helper.make_node("ConstantOfShape", ["ones_shape"], ["ones"],
+                         value=numpy_helper.from_array(np.ones(1, np.float32))),
+        helper.make_node("Concat", ["flat", "tiled", "ones"], ["y"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "fixed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 7])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(extra, "extra"), ints("s0", [0]),
+         ints("s1", [1]), ints("reps", [1, 1]), ints("ones_shape", [1, 1])])
+    src, dst = str(tmp_path / "hand.onnx"), str(tmp_path / "out.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), src)
+    meta = expose_activation(src, dst, activation="act")
+    assert meta.fixed_batch is None, meta.batch_rewrite
+    ops = sorted(r.split()[0] for r in meta.batch_rewrite["rewrites"])
+    assert ops == ["ConstantOfShape", "Slice", "Tile"], meta.batch_rewrite["rewrites"]
+    x = rng.standard_normal((5, 3, 4, 4)).astype(np.float32)
+    out = load_model(dst).infer(x)
+    conv = np.einsum("oc,nchw->nohw", weight[:, :, 0, 0], x)
+    want = np.concatenate([conv.mean((2, 3)), np.repeat(extra, 5, 0), np.ones((5, 1), np.float32)], axis=1)
+    np.testing.assert_allclose(out[meta.activation_output], conv, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out[meta.logits_output], want, rtol=1e-5, atol=1e-6)
