@@ -99,8 +99,10 @@ def rewrite_batch_constants(model, batch: int, input_name: str, item_shape: Sequ
     symbolic dim ``"batch"`` there, and each rewritten constant's leading entry computed from the input.
     Which axis of each tensor holds the batch (as its outermost factor) is followed through the
     graph (``_batch_axes``), so a Reshape that folds the batch into a larger leading axis, as a
-    window partition's ``(batch·windows, …)``, becomes ``batch × windows``; where the batch moves
-    inside an axis (``(tokens, batch·heads, …)``) it is not touched, and the proof fails.
+    window partition's ``(batch·windows, …)``, becomes ``batch × windows``, also where that shape is
+    computed from ``Shape`` ops with the batch traced as a constant (``_rewrite_computed_shape``);
+    where the batch moves inside an axis (``(tokens, batch·heads, …)``) it is not touched, and the
+    proof fails.
     """
     from onnx import helper, numpy_helper
 
@@ -136,6 +138,7 @@ def rewrite_batch_constants(model, batch: int, input_name: str, item_shape: Sequ
         new_nodes.append(helper.make_node("Concat", [lead, tail_name], [result], axis=0, name=result))
         return result
 
+    insert_before: dict = {}  # node index → new nodes that read tensors computed in the graph
     axis_of: dict = {input_name: 0}  # batch-carrying tensor → the axis whose outermost factor is the batch (or None)
     for i, node in enumerate(out.graph.node):
         shape_like = _shape_like_inputs(node)  # constant shapes: of a batch-carrying tensor, or making one
@@ -147,6 +150,15 @@ def rewrite_batch_constants(model, batch: int, input_name: str, item_shape: Sequ
                 changes.append(change)
                 axis_of.update({o: 0 for o in node.output})
                 continue
+        if node.op_type == "Reshape" and node.input[1] in dep and axis_of.get(node.input[0]) is not None:
+            before: list = []
+            change = _rewrite_computed_shape(node, values, batch, axis_of[node.input[0]], i, inits, new_nodes,
+                                             before, batch_name)
+            if change:
+                insert_before[i] = before
+                changes.append(change)
+                axis_of[node.output[0]] = 0
+                continue
         if node.op_type in ("Shape", "Size"):  # its value depends on the batch, but it holds no samples
             continue
         if any(name in axis_of for name in node.input if name):
@@ -154,7 +166,7 @@ def rewrite_batch_constants(model, batch: int, input_name: str, item_shape: Sequ
                 axis_of[o] = a
     if changes:
         out.graph.initializer.extend(inits)
-        rest = list(out.graph.node)
+        rest = [n for k, node in enumerate(out.graph.node) for n in (*insert_before.get(k, ()), node)]
         del out.graph.node[:]
         out.graph.node.extend(new_nodes + rest)
     _set_batch(out, BATCH_DIM)
@@ -291,6 +303,34 @@ def _batch_axes(node, axis_of: dict, values: dict, dynamic: set) -> list:
     if op in ("Expand", "Tile"):
         return [a] if out_rank == in_rank else unknown
     return unknown
+
+
+def _rewrite_computed_shape(node, values: dict, batch: int, data_axis: int, i: int, inits: list, new_nodes: list,
+                            before: list, batch_name: str):
+    """A Reshape whose shape is computed (from ``Shape`` of tensors) but whose leading entry may have been
+    traced as a constant multiple of the batch, as Swin's ``batch·windows``: that entry becomes batch ×
+    factor (the same value where it was computed right), the rest stays computed. The nodes that read
+    the computed shape go to ``before`` (inserted before ``node``). Returns what changed, or None."""
+    from onnx import helper, numpy_helper
+
+    shape_value = np.asarray(values[node.input[1]]).astype(np.int64).reshape(-1)
+    data_shape, out_shape = np.shape(values[node.input[0]]), np.shape(values[node.output[0]])
+    if (not shape_value.size or shape_value[0] <= 0 or shape_value[0] % batch or not out_shape
+            or out_shape[0] != shape_value[0] or not all(d == 1 for d in data_shape[:data_axis])
+            or any(a.name == "allowzero" and a.i for a in node.attribute)):
+        return None
+    factor = int(shape_value[0]) // batch
+    names = {k: f"explainrt_{k}_{i}" for k in ("factor", "lead", "one", "end", "tail", "shape")}
+    inits += [numpy_helper.from_array(np.array([factor], np.int64), names["factor"]),
+              numpy_helper.from_array(np.array([1], np.int64), names["one"]),
+              numpy_helper.from_array(np.array([_INT64_MAX], np.int64), names["end"])]
+    new_nodes.append(helper.make_node("Mul", [batch_name, names["factor"]], [names["lead"]], name=names["lead"]))
+    tail = helper.make_node("Slice", [node.input[1], names["one"], names["end"]], [names["tail"]], name=names["tail"])
+    shape = helper.make_node("Concat", [names["lead"], names["tail"]], [names["shape"]], axis=0, name=names["shape"])
+    node.input[1] = names["shape"]
+    before.extend([tail, shape])
+    lead = "batch" if factor == 1 else f"batch*{factor}"
+    return f"Reshape '{node.name or node.output[0]}' computed shape {shape_value.tolist()} -> [{lead}, (computed)…]"
 
 
 def _rewrite_node(node, values: dict, batch: int, data_axis, i: int, inits: list, leading_from_batch):

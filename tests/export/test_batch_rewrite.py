@@ -87,9 +87,9 @@ class TokenNet(nn.Module):
 class WindowNet(nn.Module):
     """Swin-style window attention: (b, H, W, C) partitioned into (b·windows, tokens, C) and back."""
 
-    def __init__(self, c: int = 12, ws: int = 4):
+    def __init__(self, c: int = 12, ws: int = 4, pad: bool = False):
         super().__init__()
-        self.c, self.ws = c, ws
+        self.c, self.ws, self.pad = c, ws, pad
         self.embed = nn.Conv2d(3, c, 2, stride=2)
         self.qkv = nn.Linear(c, 3 * c)
         self.act = nn.ReLU()
@@ -97,6 +97,10 @@ class WindowNet(nn.Module):
 
     def forward(self, x):
         x = self.embed(x).permute(0, 2, 3, 1)  # (b, 8, 8, c)
+        if self.pad:  # as torchvision's Swin: padded to whole windows, so the shapes below are computed
+            _, h, w, _ = x.shape
+            ws = self.ws
+            x = nn.functional.pad(x, (0, 0, 0, (ws - w % ws) % ws, 0, (ws - h % ws) % ws))
         b, h, w, c = x.shape
         ws, nw = self.ws, (h // self.ws) * (w // self.ws)
         t = x.view(b, h // ws, ws, w // ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(b * nw, ws * ws, c)
@@ -172,6 +176,7 @@ PATTERNS = {  # model, an op the rewrite must have changed
     "tokens_expand_cls": (lambda: TokenNet("expand"), "Expand"),
     "tokens_repeat_cls": (lambda: TokenNet("repeat"), "Expand"),  # torch exports repeat as Expand + Tile
     "window_partition": (WindowNet, "Reshape"),  # (b·windows, …): the batch times a factor
+    "window_partition_computed": (lambda: WindowNet(pad=True), "Reshape"),  # that shape computed from Shape
 }
 
 
@@ -188,6 +193,8 @@ def test_fixed_batch_export_is_rewritten_and_runs_any_batch(tmp_path, pattern):
     assert any(r.startswith(op) for r in info["rewrites"]), info["rewrites"]
     if pattern == "window_partition":
         assert any("['batch*4', 16, 12]" in r for r in info["rewrites"]), info["rewrites"]
+    if pattern == "window_partition_computed":
+        assert any("computed shape [4, 16, 12] -> [batch*4" in r for r in info["rewrites"]), info["rewrites"]
     assert info["proven_batches"] == [1, 2, 3, 5] and info["max_error"] < 1e-5
     stored = ModelMetadata.from_json({p.key: p.value for p in onnx.load(dst).metadata_props}["explainrt"])
     assert stored.batch_rewrite == info and stored.fixed_batch is None
