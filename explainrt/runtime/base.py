@@ -1,11 +1,11 @@
 """The engine contract every backend implements.
 
 An engine runs the exported model on a batch: ``run({input_name: x}) -> {output: array}``
-with the batch size free up to ``max_batch``. A model whose graph hard-codes its batch
-(``ModelMetadata.fixed_batch``, a static-batch TensorRT plan) has ``fixed_batch`` set and
-``max_batch`` equal to it: ``run`` pads a smaller batch up to it, and the chunked loop
-(``staging.run_in_chunks``) feeds chunks of exactly that size. CPU engines take and return NumPy arrays, GPU
-engines device arrays (CuPy); ``xp`` names the array module an engine speaks.
+with the batch size free up to ``max_batch``. CPU engines take and return NumPy arrays, GPU
+engines device arrays (CuPy); ``xp`` names the array module an engine speaks. A model whose
+graph hard-codes its batch (``ModelMetadata.fixed_batch``, a static-batch TensorRT plan) has
+``fixed_batch`` set and ``max_batch`` equal to it: ``run`` pads a smaller batch up to it, and
+the chunked loop (``staging.run_in_chunks``) feeds chunks of exactly that size.
 
 GPU engines derive from ``DeviceEngine``, which holds the stream contract (``staging.py``):
 inputs are read after everything enqueued on the caller's current stream, outputs are valid
@@ -27,6 +27,7 @@ from ..export.metadata import ModelMetadata
 from . import staging
 
 log = logging.getLogger(__name__)
+
 
 @dataclasses.dataclass
 class TensorInfo:
