@@ -133,6 +133,7 @@ class ProgressBar:
 
 def cmd_export(args) -> int:
     from .export import expose_activation, export_zoo_model, load_labels
+    from .export.batch_rewrite import describe_batch
 
     from .outputs import prepare_output_file
 
@@ -148,10 +149,11 @@ def cmd_export(args) -> int:
         if args.std:
             kwargs["std"] = args.std
         meta = expose_activation(args.onnx, args.output, activation=args.activation, input_size=args.input_size,
-                                 labels=load_labels(args.labels) if args.labels else None, **kwargs)
+                                 labels=load_labels(args.labels) if args.labels else None,
+                                 rewrite_batch=not args.keep_fixed_batch, **kwargs)
     print(f"wrote {args.output}: input {meta.input_name} {meta.channels}x{meta.input_size[0]}x{meta.input_size[1]}, "
           f"activation {meta.activation_output} {'x'.join(map(str, meta.activation_shape))} "
-          f"({meta.activation_layer}), {meta.num_classes} classes")
+          f"({meta.activation_layer}), {meta.num_classes} classes; {describe_batch(meta)}")
     return 0
 
 
@@ -451,6 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mean", type=float, nargs=3, help="RGB mean, 0-255 scale (default ImageNet)")
     p.add_argument("--std", type=float, nargs=3, help="RGB std, 0-255 scale (default ImageNet)")
     p.add_argument("--labels", help="text file with one class label per line")
+    p.add_argument("--keep-fixed-batch", action="store_true",
+                   help="with --onnx: do not rewrite a fixed batch axis; run the model at its fixed batch")
     p.add_argument("-o", "--output", required=True, help="output .onnx path")
     p.set_defaults(func=cmd_export)
 

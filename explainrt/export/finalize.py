@@ -9,6 +9,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import ModelError
+from .batch_rewrite import quiet_run, quiet_session
 from .metadata import ModelMetadata, check_labels, write_metadata
 
 log = logging.getLogger(__name__)
@@ -47,33 +48,34 @@ def _umask() -> int:
 def probe_and_store(path: str, meta: ModelMetadata) -> ModelMetadata:
     """Run the ONNX file at ``path`` on a batch of 2, check its outputs, complete ``meta`` and save it.
 
-    Checks that the batch axis is really dynamic, the activation output is 4-D (N, C, h, w)
-    and the probabilities are (N, K); fills ``activation_shape`` and ``num_classes``.
+    Checks that the batch axis is really dynamic (a model kept at ``meta.fixed_batch`` runs at
+    that batch), the activation output is 4-D (N, C, h, w) and the probabilities are (N, K);
+    fills ``activation_shape`` and ``num_classes``. ONNX Runtime's own log lines are kept quiet.
     """
     import onnx
-    import onnxruntime as ort
 
     try:
-        sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        sess = quiet_session(path)
     except Exception as exc:
         raise ModelError(f"ONNX Runtime cannot load the exported model {path}: {exc}") from exc
     h, w = meta.input_size
-    x = np.zeros((2, meta.channels, h, w), np.float32)
+    batch = meta.fixed_batch or 2
+    x = np.zeros((batch, meta.channels, h, w), np.float32)
     names = [meta.probs_output, meta.activation_output] + ([meta.logits_output] if meta.logits_output else [])
     try:
-        outs = dict(zip(names, sess.run(names, {meta.input_name: x})))
+        outs = dict(zip(names, quiet_run(sess, names, {meta.input_name: x})))
     except Exception as exc:
         raise ModelError(
-            f"the exported model does not run on a batch of 2 ({exc}); explainrt needs a dynamic batch axis — "
+            f"the exported model does not run on a batch of {batch} ({exc}); explainrt needs a dynamic batch axis — "
             "a Reshape with a hard-coded batch of 1 is the usual cause (export with dynamic axes)"
         ) from exc
     act, probs = outs[meta.activation_output], outs[meta.probs_output]
-    if act.ndim != 4 or act.shape[0] != 2:
+    if act.ndim != 4 or act.shape[0] != batch:
         raise ModelError(
             f"activation output '{meta.activation_output}' has shape {act.shape}; explainrt needs a convolutional "
             "activation (N, C, h, w) in NCHW layout — name a 4-D tensor before global pooling"
         )
-    if probs.ndim != 2 or probs.shape[0] != 2:
+    if probs.ndim != 2 or probs.shape[0] != batch:
         raise ModelError(f"class output '{meta.probs_output}' has shape {probs.shape}; expected (N, classes)")
     meta.activation_shape = tuple(int(d) for d in act.shape[1:])
     meta.num_classes = int(probs.shape[1])

@@ -65,6 +65,10 @@ class ModelMetadata:
     activation_layer: Optional[str] = None
     name: Optional[str] = None
     source: Optional[str] = None
+    #: the batch every engine call must have (the graph hard-codes it); None: any batch up to max_batch
+    fixed_batch: Optional[int] = None
+    #: what export did to a fixed batch axis (``export.batch_rewrite``): status, rewrites or reason
+    batch_rewrite: Optional[dict] = None
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
@@ -89,6 +93,10 @@ class ModelMetadata:
         if self.layout != "NCHW" or self.channels != 3:
             raise ModelError(f"explainrt explains RGB NCHW models; the metadata says layout={self.layout!r}, "
                              f"channels={self.channels!r}")
+        if self.fixed_batch is not None:
+            (self.fixed_batch,) = positive_ints("fixed_batch", (self.fixed_batch,), 1)
+        if self.batch_rewrite is not None and not isinstance(self.batch_rewrite, dict):
+            raise ModelError(f"metadata 'batch_rewrite' must be an object or null, got {self.batch_rewrite!r}")
         if self.labels is not None and not (isinstance(self.labels, list)
                                             and all(isinstance(v, str) for v in self.labels)):
             raise ModelError("metadata 'labels' must be a list of strings or null; re-export the model")

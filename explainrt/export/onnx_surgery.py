@@ -6,6 +6,7 @@ import os
 from typing import Optional, Sequence
 
 from ..errors import InvalidInputError, ModelError
+from .batch_rewrite import settle_batch_axis
 from .finalize import write_checked
 from .metadata import ModelMetadata, check_input_size, check_normalisation, load_onnx
 
@@ -71,11 +72,14 @@ def expose_activation(src: str, dst: str, activation: Optional[str] = None,
                       input_size: Optional[Sequence[int]] = None,
                       mean: Sequence[float] = (0.485 * 255, 0.456 * 255, 0.406 * 255),
                       std: Sequence[float] = (0.229 * 255, 0.224 * 255, 0.225 * 255),
-                      labels: Optional[Sequence[str]] = None, name: Optional[str] = None) -> ModelMetadata:
+                      labels: Optional[Sequence[str]] = None, name: Optional[str] = None,
+                      rewrite_batch: bool = True) -> ModelMetadata:
     """Write ``dst``: ``src`` plus the activation tensor as an output, softmax added if it ends in logits.
 
     The batch axis is made dynamic, the model validated with the ONNX checker and shape
-    inference, and explainrt metadata stored in it.
+    inference, and explainrt metadata stored in it. A source with a fixed batch has the shape
+    constants that hard-code it rewritten, and the rewrite proven; where it cannot be (or
+    ``rewrite_batch`` is False) the model keeps its fixed batch (``export.batch_rewrite``).
     """
     import onnx
     from onnx import helper, shape_inference
@@ -100,6 +104,7 @@ def expose_activation(src: str, dst: str, activation: Optional[str] = None,
             raise ModelError(f"{src}: the input's height/width are dynamic; give --input-size H W")
         input_size = (dims[2], dims[3])
     input_size = check_input_size(input_size)
+    fixed_batch = dims[0]
     # Dynamic batch on the input and every output.
     for vi in [inp, *graph.output]:
         shape = vi.type.tensor_type.shape
@@ -154,4 +159,5 @@ def expose_activation(src: str, dst: str, activation: Optional[str] = None,
         labels=list(labels) if labels is not None else None, activation_layer=activation,
         name=name or os.path.splitext(os.path.basename(src))[0], source="onnx",
     )
+    model, meta = settle_batch_axis(model, meta, fixed_batch, rewrite=rewrite_batch)
     return write_checked(dst, meta, lambda tmp: onnx.save(model, tmp))

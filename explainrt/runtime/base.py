@@ -2,7 +2,10 @@
 
 An engine runs the exported model on a batch: ``run({input_name: x}) -> {output: array}``
 with the batch size free up to ``max_batch``. CPU engines take and return NumPy arrays, GPU
-engines device arrays (CuPy); ``xp`` names the array module an engine speaks.
+engines device arrays (CuPy); ``xp`` names the array module an engine speaks. A model whose
+graph hard-codes its batch (``ModelMetadata.fixed_batch``, a static-batch TensorRT plan) has
+``fixed_batch`` set and ``max_batch`` equal to it: ``run`` pads a smaller batch up to it, and
+the chunked loop (``staging.run_in_chunks``) feeds chunks of exactly that size.
 
 GPU engines derive from ``DeviceEngine``, which holds the stream contract (``staging.py``):
 inputs are read after everything enqueued on the caller's current stream, outputs are valid
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import logging
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -21,6 +25,8 @@ import numpy as np
 from ..errors import InvalidInputError
 from ..export.metadata import ModelMetadata
 from . import staging
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -57,7 +63,12 @@ class Engine(abc.ABC):
         if max_batch < 1:
             raise InvalidInputError(f"max_batch must be at least 1, got {max_batch}")
         self.metadata = metadata
-        self.max_batch = int(max_batch)
+        #: the one batch size the model runs at (its graph hard-codes it); None: any batch up to max_batch
+        self.fixed_batch: Optional[int] = metadata.fixed_batch
+        #: the max_batch asked for (a fixed-batch model's max_batch is its fixed batch)
+        self.requested_max_batch = int(max_batch)
+        self.max_batch = int(self.fixed_batch or max_batch)
+        self._warned_fixed_batch = False
 
     @property
     @abc.abstractmethod
@@ -83,8 +94,35 @@ class Engine(abc.ABC):
             )
         batch = x.shape[0]
         if batch < 1 or batch > self.max_batch:
-            raise InvalidInputError(f"batch of {batch} is outside 1..max_batch={self.max_batch}")
+            fixed = (f" (the model's batch is fixed at {self.fixed_batch}: run larger batches with infer_batches)"
+                     if self.fixed_batch else "")
+            raise InvalidInputError(f"batch of {batch} is outside 1..max_batch={self.max_batch}{fixed}")
+        if self.fixed_batch is not None and batch < self.fixed_batch:
+            return self._run_padded(inputs, names, int(batch))
         return self._run(inputs, names)
+
+    def _run_padded(self, inputs: dict, names: list, batch: int) -> dict:
+        """Run a batch smaller than ``fixed_batch``: zero rows appended, their outputs dropped."""
+        xp = self.xp
+        padded = {}
+        for name, arr in inputs.items():
+            arr = xp.asarray(arr)
+            padded[name] = xp.concatenate([arr, xp.zeros((self.fixed_batch - batch, *arr.shape[1:]), arr.dtype)])
+        return {n: v[:batch] for n, v in self._run(padded, names).items()}
+
+    def warn_fixed_batch(self, count: int, batch_size: Optional[int] = None) -> None:
+        """Log once per engine that ``count`` inputs run ``fixed_batch`` per call, not ``batch_size``, and why."""
+        wanted = int(batch_size or self.requested_max_batch)
+        fixed = self.fixed_batch
+        if fixed is None or self._warned_fixed_batch or wanted <= fixed or count <= fixed:
+            return
+        self._warned_fixed_batch = True
+        calls, batched = -(-count // fixed), -(-count // wanted)
+        log.warning("%s has a fixed batch of %d (its graph hard-codes it; its metadata's batch_rewrite says why it "
+                    "was not made dynamic): %d inputs take %d engine calls of %d instead of %d of up to %d "
+                    "(%.0fx the calls, each paying the per-call overhead without batched throughput); export the "
+                    "model with a dynamic batch axis to avoid this", self.metadata.name or "the model", fixed,
+                    count, calls, fixed, batched, wanted, calls / batched)
 
     def infer(self, x, output_names: Optional[Sequence[str]] = None) -> dict:
         """Run a batch held in one array ``x`` (N, C, H, W) through the model's input."""

@@ -17,7 +17,8 @@ def cmd_build(args) -> int:
     info = build_plan(args.model, output, max_batch=args.max_batch, fp16=args.fp16, opt_batch=args.opt_batch,
                       workspace_gb=args.workspace_gb, timing_cache=args.timing_cache, tf32=args.tf32)
     build = info["build"]
-    print(f"wrote {output} ({'fp16' if build['fp16'] else 'fp32'}{', tf32' if build['tf32'] else ''}, batch 1..{build['max_batch']}, "
+    batches = f"fixed batch {build['fixed_batch']}" if build.get("fixed_batch") else f"batch 1..{build['max_batch']}"
+    print(f"wrote {output} ({'fp16' if build['fp16'] else 'fp32'}{', tf32' if build['tf32'] else ''}, {batches}, "
           f"opt {build['opt_batch']}, TensorRT {build['tensorrt']}, {build['build_seconds']} s) "
           f"and {os.path.basename(output)}.json")
     return 0

@@ -41,14 +41,18 @@ def default_providers(device: str) -> list[str]:
 
 
 def tensorrt_provider_options(meta: ModelMetadata, max_batch: int, cache_dir: str, fp16: bool = False) -> dict:
-    """TensorRT EP options: one explicit batch profile and an engine cache (ORT >= 1.15 option names)."""
+    """TensorRT EP options: one explicit batch profile and an engine cache (ORT >= 1.15 option names).
+
+    A fixed-batch model's profile is that batch alone.
+    """
     c, (h, w) = meta.channels, meta.input_size
+    lo, max_batch = meta.fixed_batch or 1, meta.fixed_batch or max_batch
 
     def shape(batch: int) -> str:
         return f"{meta.input_name}:{batch}x{c}x{h}x{w}"
 
     return {
-        "trt_profile_min_shapes": shape(1),
+        "trt_profile_min_shapes": shape(lo),
         "trt_profile_opt_shapes": shape(max_batch),
         "trt_profile_max_shapes": shape(max_batch),
         "trt_engine_cache_enable": "True",

@@ -294,12 +294,20 @@ def run_in_chunks(engine, count: int, batch_size: Optional[int], item_shape: Seq
     ``write(buf, start, b)`` writes inputs ``start..start+b`` into the staging buffer (on a
     GPU the side stream is current); ``take(start, b, outputs)`` receives the chunk's outputs
     (valid on the caller's stream; the buffer is reused two chunks later). ``before_chunk(done)``
-    runs before each chunk (cancellation, progress).
+    runs before each chunk (cancellation, progress). An engine with a ``fixed_batch`` gets chunks
+    of exactly that size, the last one padded with zeros (its outputs dropped), and a one-line
+    warning, once, of what that costs.
     """
     if count <= 0:
         return
-    bs = max(1, min(int(batch_size or engine.max_batch), engine.max_batch))
-    staging = input_staging(engine.xp, (min(bs, count), *item_shape), engine.input_dtype)
+    fixed = getattr(engine, "fixed_batch", None)
+    if fixed is not None:
+        engine.warn_fixed_batch(count, batch_size)
+        bs = int(fixed)
+    else:
+        bs = max(1, min(int(batch_size or engine.max_batch), engine.max_batch))
+    staging = input_staging(engine.xp, (bs if fixed is not None else min(bs, count), *item_shape),
+                            engine.input_dtype)
     try:
         for k, start in enumerate(range(0, count, bs)):
             if before_chunk is not None:
@@ -307,7 +315,12 @@ def run_in_chunks(engine, count: int, batch_size: Optional[int], item_shape: Seq
             b = min(bs, count - start)
             with staging.fill(k) as buffer:
                 write(buffer[:b], start, b)
-            out = engine.infer(staging.ready(k)[:b], output_names)
+                if b < bs and fixed is not None:
+                    buffer[b:] = 0
+            if fixed is None:
+                out = engine.infer(staging.ready(k)[:b], output_names)
+            else:
+                out = {n: v[:b] for n, v in engine.infer(staging.ready(k), output_names).items()}
             take(start, b, out)
             staging.release(k)
     finally:

@@ -103,6 +103,12 @@ def batch_profile(builder, meta: ModelMetadata, opt_batch: int, max_batch: int):
     return profile
 
 
+def static_batch(network) -> Optional[int]:
+    """The batch a parsed network's input hard-codes (a fixed-batch ONNX), or None when it is dynamic."""
+    dims = tuple(network.get_input(0).shape)
+    return int(dims[0]) if dims and int(dims[0]) > 0 else None
+
+
 def build_plan(onnx_path: str, plan_path: Optional[str] = None, max_batch: int = 64, fp16: bool = False,
                opt_batch: Optional[int] = None, workspace_gb: Optional[float] = None,
                timing_cache: Optional[str] = None, tf32: bool = False) -> dict:
@@ -110,7 +116,9 @@ def build_plan(onnx_path: str, plan_path: Optional[str] = None, max_batch: int =
 
     ``opt_batch`` (default ``max_batch``) is the batch TensorRT tunes for; ``timing_cache`` a
     file reused and updated across builds (default: ``trt_timing.cache`` beside the plan);
-    ``tf32`` lets FP32 layers use TF32 (off by default; recorded in the plan's metadata).
+    ``tf32`` lets FP32 layers use TF32 (off by default; recorded in the plan's metadata). A model
+    whose input has a fixed batch (``static_batch``) builds without a profile; its plan runs that
+    batch only, recorded as ``max_batch`` and ``fixed_batch``.
     """
     trt = import_tensorrt()
     import onnx
@@ -150,7 +158,11 @@ def build_plan(onnx_path: str, plan_path: Optional[str] = None, max_batch: int =
                              f"(outputs: {sorted(outputs)})")
     if workspace_gb:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    config.add_optimization_profile(batch_profile(builder, meta, opt_batch, max_batch))
+    fixed = static_batch(network)
+    if fixed is None:
+        config.add_optimization_profile(batch_profile(builder, meta, opt_batch, max_batch))
+    else:  # nothing to profile: the plan runs its one batch (engines pad smaller batches up to it)
+        max_batch = opt_batch = meta.fixed_batch = fixed
     cache_bytes = b""
     if os.path.isfile(timing_cache):
         with open(timing_cache, "rb") as fh:
@@ -181,13 +193,15 @@ def build_plan(onnx_path: str, plan_path: Optional[str] = None, max_batch: int =
     info = {
         "metadata": json.loads(meta.to_json()),
         "build": {"source": os.path.abspath(onnx_path), "max_batch": int(max_batch), "opt_batch": opt_batch,
+                  "fixed_batch": fixed,
                   "fp16": bool(fp16), "fp16_via": fp16_via, "tf32": bool(tf32),
                   "tensorrt": trt.__version__, "build_seconds": round(seconds, 2), "timing_cache": timing_cache},
     }
     with open(plan_info_path(plan_path), "w", encoding="utf-8") as fh:
         json.dump(info, fh, indent=1)
-    log.info("built %s from %s in %.1f s (%s%s, max_batch=%d)", plan_path, onnx_path, seconds,
-             "fp16" if fp16 else "fp32", ", tf32" if tf32 else "", max_batch)
+    log.info("built %s from %s in %.1f s (%s%s, %s=%d)", plan_path, onnx_path, seconds,
+             "fp16" if fp16 else "fp32", ", tf32" if tf32 else "", "max_batch" if fixed is None else "fixed batch",
+             max_batch)
     return info
 
 

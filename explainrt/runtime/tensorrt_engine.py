@@ -32,8 +32,10 @@ class TensorRTEngine(DeviceEngine):
     ``path`` is a ``.plan`` (with its ``.json`` beside it) or an exported ``.onnx``, which is
     built once into ``default_plan_path(...)`` and reused while the plan is newer than it.
     ``fp16``/``tf32``/``opt_batch``/``workspace_gb``/``timing_cache`` apply when it builds;
-    a loaded plan's ``fp16`` and ``tf32`` come from its ``.json``. ``threads`` is accepted for
-    interface parity with the CPU engines and has no effect.
+    a loaded plan's ``fp16`` and ``tf32`` come from its ``.json``. A plan built with a static
+    batch reports it as ``max_batch`` and ``fixed_batch`` (any ``max_batch`` asked for is accepted;
+    smaller batches are padded up to it). ``threads`` is accepted for interface parity with the CPU
+    engines and has no effect.
     """
 
     backend = "tensorrt"
@@ -60,7 +62,8 @@ class TensorRTEngine(DeviceEngine):
         info = read_plan_info(path)
         meta = ModelMetadata.from_json(json.dumps(info["metadata"]))
         built_max = int(info["build"]["max_batch"])
-        if max_batch > built_max:
+        meta.fixed_batch = info["build"].get("fixed_batch") or meta.fixed_batch  # a static-batch plan
+        if max_batch > built_max and meta.fixed_batch is None:
             raise InvalidInputError(f"{path} was built for batches up to {built_max}, not {max_batch}; rebuild it "
                                     f"with `explainrt build --max-batch {max_batch}` or use max_batch <= {built_max}")
         super().__init__(meta, max_batch)

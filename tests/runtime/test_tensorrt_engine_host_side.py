@@ -46,8 +46,8 @@ class FakeTensorRT(types.ModuleType):
                 pass
 
         class Tensor:
-            def __init__(self, name):
-                self.name = name
+            def __init__(self, name, shape=()):
+                self.name, self.shape = name, shape
 
         class Network:
             def __init__(self):
@@ -57,6 +57,9 @@ class FakeTensorRT(types.ModuleType):
 
             def get_output(self, i):
                 return Tensor(self.outputs[i])
+
+            def get_input(self, i):  # TensorRT marks a dynamic axis -1
+                return Tensor(self.input, self.input_shape)
 
         class OnnxParser:
             def __init__(self, network, logger):
@@ -69,6 +72,8 @@ class FakeTensorRT(types.ModuleType):
                 model = onnx.load(path)
                 self.network.outputs = [o.name for o in model.graph.output]
                 self.network.input = model.graph.input[0].name
+                self.network.input_shape = tuple(d.dim_value if d.HasField("dim_value") else -1
+                                                 for d in model.graph.input[0].type.tensor_type.shape.dim)
                 self.network.onnx_bytes = model.SerializeToString()
                 self.network.fp16_weights = any(t.data_type == onnx.TensorProto.FLOAT16
                                                 for t in model.graph.initializer)
@@ -126,11 +131,13 @@ class FakeTensorRT(types.ModuleType):
                 return Profile()
 
             def build_serialized_network(self, network, config):
-                (profile,) = config.profiles
-                trt.calls.append(("build", sorted(config.flags), profile.shape, network.fp16_weights,
+                static = network.input_shape[0] > 0
+                assert len(config.profiles) == (0 if static else 1), "a profile is for dynamic inputs only"
+                profile_shape = None if static else config.profiles[0].shape
+                trt.calls.append(("build", sorted(config.flags), profile_shape, network.fp16_weights,
                                   config.cache.data))
-                header = json.dumps({"outputs": network.outputs, "input": network.input,
-                                     "max_batch": profile.shape[3][0]}).encode()
+                header = json.dumps({"outputs": network.outputs, "input": network.input, "static": static,
+                                     "max_batch": network.input_shape[0] if static else profile_shape[3][0]}).encode()
                 return len(header).to_bytes(4, "little") + header + network.onnx_bytes
 
         class Engine:
@@ -143,7 +150,7 @@ class FakeTensorRT(types.ModuleType):
                 self.names = [info["input"]] + info["outputs"]
                 self.shapes = {i.name: tuple(-1 if not isinstance(d, int) else d for d in i.shape)
                                for i in (*self.session.get_inputs(), *self.session.get_outputs())}
-                self.max_batch = info["max_batch"]
+                self.max_batch, self.static = info["max_batch"], info["static"]
 
             num_io_tensors = property(lambda self: len(self.names))
 
@@ -168,7 +175,8 @@ class FakeTensorRT(types.ModuleType):
 
             def set_input_shape(self, name, shape):
                 trt.calls.append(("set_input_shape", tuple(shape)))
-                if not 1 <= shape[0] <= self.engine.max_batch:
+                e = self.engine
+                if not 1 <= shape[0] <= e.max_batch or (e.static and shape[0] != e.max_batch):
                     return False
                 self.input_shape = tuple(shape)
                 return True
@@ -418,3 +426,49 @@ def test_engine_orders_its_stream_with_the_callers(fake_trt, trt_model, tmp_path
     copies = [(s, i) for what, s, i in log.ops if what == "empty" and s is stream]
     assert copies, "handed-back outputs are allocated on the caller's stream"
     assert out["probs"].dtype == np.float32 and out["probs"].shape == (2, 5)
+
+
+def test_static_batch_plan_reports_its_batch_and_pads(fake_trt, tmp_path):
+    """An ONNX model kept at a fixed batch builds without a profile; the plan's engine reports that batch
+    as max_batch, feeds TensorRT exactly that shape (padding smaller batches) and explains like ORT."""
+    import warnings
+
+    from explainrt import Explainer
+    from explainrt.export import expose_activation
+    from explainrt.runtime.ort_engine import OnnxRuntimeEngine
+    from explainrt.runtime.tensorrt_build import build_plan
+    from explainrt.runtime.tensorrt_engine import TensorRTEngine
+
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 5)).eval()
+    src, fixed = str(tmp_path / "plain.onnx"), str(tmp_path / "fixed.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(2, 3, 12, 12),), src, input_names=["x"], output_names=["y"],
+                          opset_version=17, dynamo=False)
+    meta = expose_activation(src, fixed, rewrite_batch=False)
+    assert meta.fixed_batch == 2
+    names = [meta.probs_output, meta.activation_output]
+    plan = str(tmp_path / "fixed.plan")
+    info = build_plan(fixed, plan, max_batch=16)
+    assert info["build"]["fixed_batch"] == info["build"]["max_batch"] == 2 and info["metadata"]["fixed_batch"] == 2
+    ((_, _, profile, _, _),) = [c for c in fake_trt.calls if c[0] == "build"]
+    assert profile is None  # a static input takes no optimisation profile
+    engine = TensorRTEngine(plan, max_batch=16)  # asking for more than the plan's batch is fine: it pads
+    assert (engine.max_batch, engine.fixed_batch) == (2, 2)
+    reference = OnnxRuntimeEngine(fixed, max_batch=16)
+    x = np.random.default_rng(3).standard_normal((5, 3, 12, 12)).astype(np.float32)
+    fake_trt.calls.clear()
+    got = engine.infer_batches(fake_trt.cp.asarray(x), names, batch_size=16)
+    want = reference.infer_batches(x, names, batch_size=16)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-7)
+    shapes = {c[1] for c in fake_trt.calls if c[0] == "set_input_shape"}
+    assert shapes == {(2, 3, 12, 12)} and sum(c[0] == "execute" for c in fake_trt.calls) == 3
+    image = np.random.default_rng(4).integers(0, 256, (12, 12, 3), dtype=np.uint8)
+    gpu, cpu = Explainer(plan, backend="tensorrt", device="cuda", batch_size=8), Explainer(fixed, batch_size=8)
+    for method, params in (("rise", {"n_masks": 9}), ("scorecam", {})):
+        np.testing.assert_allclose(gpu.explain(image, method, **params).saliency_maps,
+                                   cpu.explain(image, method, **params).saliency_maps, atol=1e-5)
