@@ -30,16 +30,16 @@ def write_checked(path: str, meta: ModelMetadata, write: Callable[[str], None]) 
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    log.info("exported %s: activation %s %s, %d classes", path, meta.activation_output, meta.activation_shape,
-             meta.num_classes)
+    log.info("exported %s: activation %s %s (%s), %d classes", path, meta.activation_output, meta.activation_shape,
+             meta.activation_layout, meta.num_classes)
     return meta
 
 
 def probe_and_store(path: str, meta: ModelMetadata) -> ModelMetadata:
     """Run the ONNX file at ``path`` on a batch of 2, check its outputs, complete ``meta`` and save it.
 
-    Checks that the batch axis is really dynamic, the activation output is 4-D (N, C, h, w)
-    and the probabilities are (N, K); fills ``activation_shape`` and ``num_classes``.
+    Checks that the batch axis is really dynamic, the activation output (when there is one) is
+    4-D (N, C, h, w) and the probabilities are (N, K); fills ``activation_shape`` and ``num_classes``.
     """
     import onnx
     import onnxruntime as ort
@@ -50,7 +50,8 @@ def probe_and_store(path: str, meta: ModelMetadata) -> ModelMetadata:
         raise ModelError(f"ONNX Runtime cannot load the exported model {path}: {exc}") from exc
     h, w = meta.input_size
     x = np.zeros((2, meta.channels, h, w), np.float32)
-    names = [meta.probs_output, meta.activation_output] + ([meta.logits_output] if meta.logits_output else [])
+    names = [meta.probs_output] + ([meta.activation_output] if meta.has_activation else []) \
+        + ([meta.logits_output] if meta.logits_output else [])
     try:
         outs = dict(zip(names, sess.run(names, {meta.input_name: x})))
     except Exception as exc:
@@ -58,15 +59,17 @@ def probe_and_store(path: str, meta: ModelMetadata) -> ModelMetadata:
             f"the exported model does not run on a batch of 2 ({exc}); explainrt needs a dynamic batch axis — "
             "a Reshape with a hard-coded batch of 1 is the usual cause (export with dynamic axes)"
         ) from exc
-    act, probs = outs[meta.activation_output], outs[meta.probs_output]
-    if act.ndim != 4 or act.shape[0] != 2:
-        raise ModelError(
-            f"activation output '{meta.activation_output}' has shape {act.shape}; explainrt needs a convolutional "
-            "activation (N, C, h, w) in NCHW layout — name a 4-D tensor before global pooling"
-        )
+    probs = outs[meta.probs_output]
+    if meta.has_activation:
+        act = outs[meta.activation_output]
+        if act.ndim != 4 or act.shape[0] != 2:
+            raise ModelError(
+                f"activation output '{meta.activation_output}' has shape {act.shape}; explainrt needs a convolutional "
+                "activation (N, C, h, w) in NCHW layout — name a 4-D tensor before global pooling"
+            )
+        meta.activation_shape = tuple(int(d) for d in act.shape[1:])
     if probs.ndim != 2 or probs.shape[0] != 2:
         raise ModelError(f"class output '{meta.probs_output}' has shape {probs.shape}; expected (N, classes)")
-    meta.activation_shape = tuple(int(d) for d in act.shape[1:])
     meta.num_classes = int(probs.shape[1])
     meta.labels = check_labels(meta.labels, meta.num_classes)
     meta.validate()
