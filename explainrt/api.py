@@ -163,10 +163,11 @@ class Explainer:
         algo = METHODS[method].create(**params)
         if algo.needs_activation and not self.metadata.has_activation:
             usable = ", ".join(name for name, cls in METHODS.items() if not cls.needs_activation)
+            model = f"model {self.metadata.name!r}" if self.metadata.name else "the model"
             raise InvalidInputError(
-                f"method {method!r} needs the activations of a feature layer, but model "
-                f"{self.metadata.name or ''!s} was exported without one (a black-box model: scores only); use "
-                f"{usable} (or featurecam with base='rise'), or re-export with an activation")
+                f"method {method!r} needs the activations of a feature layer, but {model} was exported without one "
+                f"(a black-box model: scores only); use {usable} (or featurecam with base='rise'), or re-export "
+                "with an activation")
         t0 = time.perf_counter()
         prep = self.prepare(image)
         t1 = time.perf_counter()

@@ -1,10 +1,12 @@
-"""A small ONNX → PyTorch interpreter for the exported CNN classifiers.
+"""A small ONNX → PyTorch interpreter for the exported image classifiers.
 
 The torch engine runs the *exported ONNX file* (the artefact that is deployed), not the
 original torch module, so it explains exactly what TensorRT and ONNX Runtime run. The op set
 covers what torch.onnx exports for image CNNs (convolutions, normalisation, activations,
-pooling, the classifier head, and the shape arithmetic around them); anything else raises
-ModelError naming the op.
+pooling, the classifier head, and the shape arithmetic around them) and for vision
+transformers (LayerNormalization, Einsum, Mod/Range/ScatterND of shifted windows, boolean
+ops); anything else raises ModelError naming the op. It was kept over the onnx2torch
+converter after measuring both (benchmarks/torch_engine_backends.py, RESULTS.md).
 
 Nodes whose inputs are all constants (e.g. the padding arithmetic of TF-style "same" convs)
 are folded once at load time on the CPU. Integer tensors (shapes, indices) stay on the CPU so
