@@ -120,7 +120,8 @@ def find_explained_tensor(model, input_name: str, input_size) -> tuple[str, Acti
             unread.append((len(views), f"{name} {tuple(dims)}"))
     if not views:
         raise ModelError("could not find a feature map (N, C, h, w), (N, h, w, C) or patch tokens (N, tokens, C) "
-                         "to explain; name one with --activation (and --grid/--prefix-tokens for tokens)")
+                         "to explain; name one with --activation (and --grid/--prefix-tokens for tokens), or "
+                         "export it as a black box with --no-activation (RISE and the metrics only)")
     order = [name for name, _ in views]
     chosen = len(views) - 1
     if pooled in order:

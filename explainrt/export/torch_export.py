@@ -62,7 +62,8 @@ def find_activation_layer(model, example) -> tuple[str, int, ActivationView]:
             later.append(f"{name} {shape}")
     if chosen is None:
         raise ModelError("the model has no module whose output reads as a feature map (N, C, h, w), (N, h, w, C) "
-                         "or patch tokens (N, tokens, C); name the layer to explain (layer=...)")
+                         "or patch tokens (N, tokens, C); name the layer to explain (layer=...), or export it as a "
+                         "black box (with_activation=False: RISE and the metrics only)")
     if later:
         raise ModelError(f"after {chosen[0]} ({chosen[2].describe()}) the model has module outputs that are not a "
                          f"feature grid explainrt can read: {', '.join(later[:3])}; name the layer to explain "

@@ -279,6 +279,32 @@ def test_blackbox_refuses_activation_methods_clearly(trained_vit, method, params
     assert np.isfinite(result.saliency).all()
 
 
+class FlatMLP(torch.nn.Module):
+    """A classifier with no feature grid at all: flattened pixels into an MLP."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * SIZE * SIZE, 16), torch.nn.ReLU(),
+                                       torch.nn.Linear(16, 3))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_model_without_usable_activation(tmp_path):
+    model = FlatMLP().eval()
+    with pytest.raises(ModelError, match="no module whose output reads as a feature map .*with_activation=False"):
+        export_torch(model, str(tmp_path / "x.onnx"), input_size=(SIZE, SIZE))
+    src = _plain_onnx(model, str(tmp_path / "plain.onnx"))
+    with pytest.raises(ModelError, match="could not find a feature map .* --no-activation"):
+        expose_activation(src, str(tmp_path / "x.onnx"))
+    meta = expose_activation(src, str(tmp_path / "bb.onnx"), with_activation=False)
+    result = Explainer(str(tmp_path / "bb.onnx"), batch_size=16).explain(
+        np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8), "rise", n_masks=64, grid_size=4)
+    assert meta.activation_output is None and np.isfinite(result.saliency).all() and result.forward_passes == 65
+
+
 def test_blackbox_from_torch_and_cli(tmp_path, capsys):
     from explainrt.cli import main
 
