@@ -186,6 +186,13 @@ class Explainer:
         if not isinstance(method, str) or method not in METHODS:
             raise InvalidInputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)} (one name)")
         algo = METHODS[method].create(**params)
+        if algo.needs_activation and not self.metadata.has_activation:
+            usable = ", ".join(name for name, cls in METHODS.items() if not cls.needs_activation)
+            model = f"model {self.metadata.name!r}" if self.metadata.name else "the model"
+            raise InvalidInputError(
+                f"method {method!r} needs the activations of a feature layer, but {model} was exported without one "
+                f"(a black-box model: scores only); use {usable} (or featurecam with base='rise'), or re-export "
+                "with an activation")
         t0 = time.perf_counter()
         prep = self.prepare(image)
         t1 = time.perf_counter()

@@ -149,11 +149,19 @@ def cmd_export(args) -> int:
         if args.std:
             kwargs["std"] = args.std
         meta = expose_activation(args.onnx, args.output, activation=args.activation, input_size=args.input_size,
-                                 labels=load_labels(args.labels) if args.labels else None,
+                                 labels=load_labels(args.labels) if args.labels else None, grid=args.grid,
+                                 prefix_tokens=args.prefix_tokens, with_activation=not args.no_activation,
                                  rewrite_batch=not args.keep_fixed_batch, **kwargs)
+    if meta.has_activation:
+        view = "" if meta.activation_layout == "NCHW" else \
+            f" from {meta.activation_layout} {'x'.join(map(str, meta.explained_shape))}" + \
+            (f", dropped tokens {meta.dropped_tokens}" if meta.dropped_tokens else "")
+        activation = (f"activation {meta.activation_output} {'x'.join(map(str, meta.activation_shape))} "
+                      f"({meta.activation_layer}{view})")
+    else:
+        activation = "no activation (black-box: rise and the metrics)"
     print(f"wrote {args.output}: input {meta.input_name} {meta.channels}x{meta.input_size[0]}x{meta.input_size[1]}, "
-          f"activation {meta.activation_output} {'x'.join(map(str, meta.activation_shape))} "
-          f"({meta.activation_layer}), {meta.num_classes} classes; {describe_batch(meta)}")
+          f"{activation}, {meta.num_classes} classes; {describe_batch(meta)}")
     return 0
 
 
@@ -448,7 +456,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a model to ONNX with activation outputs and metadata")
     p.add_argument("model", nargs="?", help="built-in model name: efficientnet-lite0")
     p.add_argument("--onnx", help="an existing ONNX classifier to expose an activation of")
-    p.add_argument("--activation", help="tensor name to expose (default: the last 4-D tensor before global pooling)")
+    p.add_argument("--activation", help="tensor name to expose (default: the last feature map before global "
+                   "pooling, or a transformer's last patch tokens)")
+    p.add_argument("--grid", type=int, nargs=2, metavar=("h", "w"),
+                   help="patch grid of a token tensor named with --activation (default: detected)")
+    p.add_argument("--prefix-tokens", type=int, metavar="K",
+                   help="leading class/register tokens to drop from a token tensor (default: detected)")
+    p.add_argument("--no-activation", action="store_true",
+                   help="a black-box model: expose no activation (RISE and the metrics only)")
     p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="input size when the ONNX one is dynamic")
     p.add_argument("--mean", type=float, nargs=3, help="RGB mean, 0-255 scale (default ImageNet)")
     p.add_argument("--std", type=float, nargs=3, help="RGB std, 0-255 scale (default ImageNet)")

@@ -92,6 +92,8 @@ class Method:
     name: ClassVar[str] = "?"
     #: True when ``weigh`` already returns maps in [0, 1]
     normalised: ClassVar[bool] = False
+    #: False for methods that need only class scores (they run on black-box models too)
+    needs_activation: ClassVar[bool] = True
 
     def plan(self, ctx: Context) -> Optional[MaskPlan]:
         """Masks to run through the engine, or None when the method needs no masked passes."""

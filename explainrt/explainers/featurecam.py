@@ -127,6 +127,7 @@ class FeatureCamExplainer(Method):
         if base_params is not None and not isinstance(base_params, dict):
             raise InvalidInputError(f"parameter base_params must be a mapping of {base}'s parameters, got {base_params!r}")
         self.base = METHODS[base].create(**(base_params or {}))
+        self.needs_activation = self.base.needs_activation
         if edges not in BUILTIN_EDGES and not (isinstance(edges, str) and edges.endswith(".onnx")):
             raise InvalidInputError(f"parameter edges must be one of {BUILTIN_EDGES} or a path to an HED .onnx model, got {edges!r}")
         self.edges = edges

@@ -14,6 +14,7 @@ class RiseExplainer(Method):
     """
 
     name = "rise"
+    needs_activation = False  # class scores only: any classifier, black-box ones included
 
     def __init__(self, *, n_masks: int = 4000, grid_size: int = 7, p1: float = 0.5, seed: int = 0):
         self.n_masks = check_range("n_masks", n_masks, low=1, kind=int)

@@ -33,8 +33,8 @@ def write_checked(path: str, meta: ModelMetadata, write: Callable[[str], None]) 
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    log.info("exported %s: activation %s %s, %d classes", path, meta.activation_output, meta.activation_shape,
-             meta.num_classes)
+    log.info("exported %s: activation %s %s (%s), %d classes", path, meta.activation_output, meta.activation_shape,
+             meta.activation_layout, meta.num_classes)
     return meta
 
 
@@ -49,8 +49,9 @@ def probe_and_store(path: str, meta: ModelMetadata) -> ModelMetadata:
     """Run the ONNX file at ``path`` on a batch of 2, check its outputs, complete ``meta`` and save it.
 
     Checks that the batch axis is really dynamic (a model kept at ``meta.fixed_batch`` runs at
-    that batch), the activation output is 4-D (N, C, h, w) and the probabilities are (N, K);
-    fills ``activation_shape`` and ``num_classes``. ONNX Runtime's own log lines are kept quiet.
+    that batch), the activation output (when there is one) is 4-D (N, C, h, w) and the
+    probabilities are (N, K); fills ``activation_shape`` and ``num_classes``. ONNX Runtime's own
+    log lines are kept quiet.
     """
     import onnx
 
@@ -61,7 +62,8 @@ def probe_and_store(path: str, meta: ModelMetadata) -> ModelMetadata:
     h, w = meta.input_size
     batch = meta.fixed_batch or 2
     x = np.zeros((batch, meta.channels, h, w), np.float32)
-    names = [meta.probs_output, meta.activation_output] + ([meta.logits_output] if meta.logits_output else [])
+    names = [meta.probs_output] + ([meta.activation_output] if meta.has_activation else []) \
+        + ([meta.logits_output] if meta.logits_output else [])
     try:
         outs = dict(zip(names, quiet_run(sess, names, {meta.input_name: x})))
     except Exception as exc:
@@ -69,15 +71,17 @@ def probe_and_store(path: str, meta: ModelMetadata) -> ModelMetadata:
             f"the exported model does not run on a batch of {batch} ({exc}); explainrt needs a dynamic batch axis — "
             "a Reshape with a hard-coded batch of 1 is the usual cause (export with dynamic axes)"
         ) from exc
-    act, probs = outs[meta.activation_output], outs[meta.probs_output]
-    if act.ndim != 4 or act.shape[0] != batch:
-        raise ModelError(
-            f"activation output '{meta.activation_output}' has shape {act.shape}; explainrt needs a convolutional "
-            "activation (N, C, h, w) in NCHW layout — name a 4-D tensor before global pooling"
-        )
+    probs = outs[meta.probs_output]
+    if meta.has_activation:
+        act = outs[meta.activation_output]
+        if act.ndim != 4 or act.shape[0] != batch:
+            raise ModelError(
+                f"activation output '{meta.activation_output}' has shape {act.shape}; explainrt needs a convolutional "
+                "activation (N, C, h, w) in NCHW layout — name a 4-D tensor before global pooling"
+            )
+        meta.activation_shape = tuple(int(d) for d in act.shape[1:])
     if probs.ndim != 2 or probs.shape[0] != batch:
         raise ModelError(f"class output '{meta.probs_output}' has shape {probs.shape}; expected (N, classes)")
-    meta.activation_shape = tuple(int(d) for d in act.shape[1:])
     meta.num_classes = int(probs.shape[1])
     meta.labels = check_labels(meta.labels, meta.num_classes)
     meta.validate()

@@ -13,6 +13,7 @@ import numbers
 from typing import Optional, Sequence
 
 from ..errors import InvalidInputError, ModelError
+from .layout import LAYOUTS
 
 METADATA_KEY = "explainrt"
 FORMAT_VERSION = 1
@@ -48,14 +49,21 @@ class ModelMetadata:
 
     ``mean``/``std`` are per-channel in pixel units (0–255, RGB order): the engine input is
     ``(rgb - mean) / std`` in NCHW layout.
+
+    ``activation_output`` is always NCHW (C, h, w) = ``activation_shape``; when the explained
+    tensor was not (``activation_layout`` 'NHWC', or 'tokens' of a vision transformer), export
+    built the view inside the graph and records the tensor's own shape (``explained_shape``),
+    the ``dropped_tokens`` (class, register tokens) and the ``token_grid`` (h, w). A black-box
+    model has no activation (``activation_output`` and ``activation_shape`` None): only the
+    score-based methods (RISE) and the metrics apply.
     """
 
     input_name: str
     input_size: tuple[int, int]  # (H, W)
     logits_output: Optional[str]
     probs_output: str
-    activation_output: str
-    activation_shape: tuple[int, int, int]  # (C, h, w)
+    activation_output: Optional[str]  # None: a black-box model (no activation)
+    activation_shape: Optional[tuple[int, int, int]]  # (C, h, w)
     num_classes: int
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     std: tuple[float, float, float] = (255.0, 255.0, 255.0)
@@ -63,6 +71,10 @@ class ModelMetadata:
     channels: int = 3
     labels: Optional[list[str]] = None
     activation_layer: Optional[str] = None
+    activation_layout: Optional[str] = "NCHW"  # of the explained tensor: NCHW, NHWC or tokens
+    explained_shape: Optional[tuple] = None  # the explained tensor's shape without the batch axis
+    dropped_tokens: list = dataclasses.field(default_factory=list)
+    token_grid: Optional[tuple[int, int]] = None
     name: Optional[str] = None
     source: Optional[str] = None
     #: the batch every engine call must have (the graph hard-codes it); None: any batch up to max_batch
@@ -82,13 +94,29 @@ class ModelMetadata:
                 raise ModelError(f"metadata '{key}' must be {n} positive integers, got {value!r}; re-export the model")
             return tuple(value)
 
-        for key in ("input_name", "probs_output", "activation_output"):
+        for key in ("input_name", "probs_output"):
             if not isinstance(getattr(self, key), str) or not getattr(self, key):
                 raise ModelError(f"metadata '{key}' must name a tensor, got {getattr(self, key)!r}; re-export the model")
-        if self.logits_output is not None and not isinstance(self.logits_output, str):
-            raise ModelError(f"metadata 'logits_output' must name a tensor or be null, got {self.logits_output!r}")
+        for key in ("logits_output", "activation_output"):
+            if getattr(self, key) is not None and (not isinstance(getattr(self, key), str) or not getattr(self, key)):
+                raise ModelError(f"metadata '{key}' must name a tensor or be null, got {getattr(self, key)!r}")
         self.input_size = positive_ints("input_size", self.input_size, 2)
-        self.activation_shape = positive_ints("activation_shape", self.activation_shape, 3)
+        if self.activation_output is None:
+            if self.activation_shape is not None or self.activation_layout is not None:
+                raise ModelError("metadata without an activation output must have activation_shape and "
+                                 "activation_layout null; re-export the model")
+        else:
+            self.activation_shape = positive_ints("activation_shape", self.activation_shape, 3)
+            if self.activation_layout not in LAYOUTS:
+                raise ModelError(f"metadata 'activation_layout' must be one of {LAYOUTS}, got "
+                                 f"{self.activation_layout!r}; re-export the model")
+        if self.explained_shape is not None:
+            self.explained_shape = positive_ints("explained_shape", self.explained_shape, len(self.explained_shape))
+        if not (isinstance(self.dropped_tokens, list) and all(isinstance(v, int) and not isinstance(v, bool)
+                                                              and v >= 0 for v in self.dropped_tokens)):
+            raise ModelError(f"metadata 'dropped_tokens' must be a list of token indices, got {self.dropped_tokens!r}")
+        if self.token_grid is not None:
+            self.token_grid = positive_ints("token_grid", self.token_grid, 2)
         (self.num_classes,) = positive_ints("num_classes", (self.num_classes,), 1)
         if self.layout != "NCHW" or self.channels != 3:
             raise ModelError(f"explainrt explains RGB NCHW models; the metadata says layout={self.layout!r}, "
@@ -101,6 +129,16 @@ class ModelMetadata:
                                             and all(isinstance(v, str) for v in self.labels)):
             raise ModelError("metadata 'labels' must be a list of strings or null; re-export the model")
         return self
+
+    @property
+    def has_activation(self) -> bool:
+        """False for a black-box model (exported without an activation output)."""
+        return self.activation_output is not None
+
+    def engine_outputs(self) -> list[tuple[str, str]]:
+        """(role, tensor name) of the outputs an engine must have: probabilities, and the activation if any."""
+        return [("probabilities", self.probs_output)] + \
+            ([("activation", self.activation_output)] if self.has_activation else [])
 
     def label(self, index: int) -> str:
         """Human-readable name of class ``index`` (its number when no labels are known)."""
@@ -122,7 +160,7 @@ class ModelMetadata:
                              "re-export it")
         known = {f.name for f in dataclasses.fields(cls)}
         raw = {k: v for k, v in raw.items() if k in known}
-        for key in ("input_size", "activation_shape", "mean", "std"):
+        for key in ("input_size", "activation_shape", "mean", "std", "explained_shape", "token_grid"):
             if isinstance(raw.get(key), list):
                 raw[key] = tuple(raw[key])
         try:

@@ -8,64 +8,12 @@ from typing import Optional, Sequence
 from ..errors import InvalidInputError, ModelError
 from .batch_rewrite import settle_batch_axis
 from .finalize import write_checked
+from .layout import user_view
 from .metadata import ModelMetadata, check_input_size, check_normalisation, load_onnx
+from .onnx_tensors import append_nchw_view, find_explained_tensor, tensor_shapes
+from .onnx_tensors import static_dims as _static_dims
 
 log = logging.getLogger(__name__)
-
-_POOLS = ("GlobalAveragePool", "GlobalMaxPool")
-
-
-def _static_dims(value_info) -> list:
-    dims = []
-    for d in value_info.type.tensor_type.shape.dim:
-        dims.append(d.dim_value if d.HasField("dim_value") else None)
-    return dims
-
-
-def _reduce_axes(node, graph) -> Optional[list]:
-    import onnx
-    from onnx import numpy_helper
-
-    for attr in node.attribute:
-        if attr.name == "axes":
-            return list(onnx.helper.get_attribute_value(attr))
-    if len(node.input) > 1 and node.input[1]:
-        for init in graph.initializer:
-            if init.name == node.input[1]:
-                return numpy_helper.to_array(init).tolist()
-        for other in graph.node:
-            if other.op_type == "Constant" and node.input[1] in other.output:
-                return numpy_helper.to_array(other.attribute[0].t).tolist()
-    return None
-
-
-def find_pooled_activation(model) -> str:
-    """Name of the last 4-D tensor that feeds global pooling (GlobalAveragePool, ReduceMean over h,w…)."""
-    graph = model.graph
-    shapes = {vi.name: _static_dims(vi) for vi in list(graph.value_info) + list(graph.output) + list(graph.input)}
-    candidate = None
-    for node in graph.node:
-        src = node.input[0] if node.input else None
-        if node.op_type in _POOLS:
-            candidate = src
-        elif node.op_type in ("ReduceMean", "ReduceMax"):
-            axes = _reduce_axes(node, graph)
-            if axes is not None and sorted(a % 4 for a in axes) == [2, 3]:
-                candidate = src
-        elif node.op_type == "AveragePool":
-            dims = shapes.get(src)
-            kernel = next((list(a.ints) for a in node.attribute if a.name == "kernel_shape"), None)
-            if dims and len(dims) == 4 and kernel == dims[2:]:
-                candidate = src
-    if candidate is None:  # fall back to the last 4-D tensor with a spatial extent
-        for node in graph.node:
-            for out in node.output:
-                dims = shapes.get(out)
-                if dims and len(dims) == 4 and (dims[2] or 2) * (dims[3] or 2) > 1:
-                    candidate = out
-    if candidate is None:
-        raise ModelError("could not find a convolutional activation feeding global pooling; name one with --activation")
-    return candidate
 
 
 def expose_activation(src: str, dst: str, activation: Optional[str] = None,
@@ -73,9 +21,14 @@ def expose_activation(src: str, dst: str, activation: Optional[str] = None,
                       mean: Sequence[float] = (0.485 * 255, 0.456 * 255, 0.406 * 255),
                       std: Sequence[float] = (0.229 * 255, 0.224 * 255, 0.225 * 255),
                       labels: Optional[Sequence[str]] = None, name: Optional[str] = None,
-                      rewrite_batch: bool = True) -> ModelMetadata:
+                      grid: Optional[Sequence[int]] = None, prefix_tokens: Optional[int] = None,
+                      with_activation: bool = True, rewrite_batch: bool = True) -> ModelMetadata:
     """Write ``dst``: ``src`` plus the activation tensor as an output, softmax added if it ends in logits.
 
+    ``activation``: the tensor to explain (default ``find_explained_tensor``). An NHWC map or a
+    token tensor (N, L, C) is exposed as its NCHW view, built in the graph: ``prefix_tokens``
+    leading tokens dropped, the rest reshaped to ``grid`` (both detected when not given).
+    ``with_activation=False`` exposes no activation (a black-box model: RISE and the metrics).
     The batch axis is made dynamic, the model validated with the ONNX checker and shape
     inference, and explainrt metadata stored in it. A source with a fixed batch has the shape
     constants that hard-code it rewritten, and the rewrite proven; where it cannot be (or
@@ -118,13 +71,25 @@ def expose_activation(src: str, dst: str, activation: Optional[str] = None,
         raise ModelError(f"ONNX shape inference failed on {src}: {exc}") from exc
     graph = model.graph
     produced = {out: node for node in graph.node for out in node.output}
-    if activation is None:
-        activation = find_pooled_activation(model)
+    view = None
+    if not with_activation:
+        if activation is not None or grid is not None or prefix_tokens is not None:
+            raise InvalidInputError("--no-activation exports scores only: do not name an activation, grid or "
+                                    "prefix tokens")
+    elif activation is None:
+        if grid is not None or prefix_tokens is not None:
+            raise InvalidInputError("--grid/--prefix-tokens describe the tensor you name: give --activation too")
+        activation, view = find_explained_tensor(model, inp.name, input_size)
     elif activation in {i.name for i in graph.input}:
         raise InvalidInputError(f"{activation!r} is the model's input, not an activation: name a 4-D tensor a "
                                 "convolution produces (the last one before global pooling is the usual choice)")
     elif activation not in produced:
         raise InvalidInputError(f"{src} has no tensor named {activation!r}")
+    if activation is not None and view is None:
+        dims = tensor_shapes(model, inp.name, input_size).get(activation)
+        if dims is None:
+            raise InvalidInputError(f"tensor {activation!r} is not a float tensor of {src}; name an activation")
+        view = user_view(dims, input_size, grid, prefix_tokens, f"tensor {activation!r}")
     if len(graph.output) < 1:
         raise ModelError(f"{src} has no outputs")
     head = graph.output[0].name
@@ -140,8 +105,11 @@ def expose_activation(src: str, dst: str, activation: Optional[str] = None,
             probs = "explainrt_probs"
         graph.node.append(helper.make_node("Softmax", [logits], [probs], axis=-1, name="explainrt_softmax"))
         graph.output.append(helper.make_empty_tensor_value_info(probs))
-    if activation not in output_names:
-        graph.output.append(helper.make_empty_tensor_value_info(activation))
+    exposed = None
+    if activation is not None:
+        exposed = append_nchw_view(graph, activation, view)
+        if exposed not in output_names:
+            graph.output.append(helper.make_empty_tensor_value_info(exposed))
     # Fill output types from shape inference.
     model = shape_inference.infer_shapes(model)
     known = {vi.name: vi for vi in list(model.graph.value_info)}
@@ -154,10 +122,11 @@ def expose_activation(src: str, dst: str, activation: Optional[str] = None,
         raise ModelError(f"the modified model fails the ONNX checker: {exc}") from exc
     meta = ModelMetadata(
         input_name=inp.name, input_size=input_size, logits_output=logits,
-        probs_output=probs, activation_output=activation, activation_shape=(0, 0, 0), num_classes=0,
-        mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
+        probs_output=probs, activation_output=exposed, activation_shape=(0, 0, 0) if exposed else None,
+        num_classes=0, mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
         labels=list(labels) if labels is not None else None, activation_layer=activation,
         name=name or os.path.splitext(os.path.basename(src))[0], source="onnx",
+        **(view.metadata() if view is not None else {"activation_layout": None}),
     )
     model, meta = settle_batch_axis(model, meta, fixed_batch, rewrite=rewrite_batch)
     return write_checked(dst, meta, lambda tmp: onnx.save(model, tmp))

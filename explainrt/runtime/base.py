@@ -44,7 +44,7 @@ class BasePass:
 
     probs: Any  # (K,)
     logits: Optional[Any]  # (K,) or None when the model has no logits output
-    activations: Any  # (C, h, w)
+    activations: Any  # (C, h, w), or None for a black-box model (no activation output)
 
 
 class Engine(abc.ABC):
@@ -163,10 +163,11 @@ class Engine(abc.ABC):
     def base_pass(self, x) -> BasePass:
         """The one unmasked pass: probabilities, logits and activations of a (1,C,H,W) input."""
         meta = self.metadata
-        names = [meta.probs_output, meta.activation_output] + ([meta.logits_output] if meta.logits_output else [])
+        names = [name for _role, name in meta.engine_outputs()] + ([meta.logits_output] if meta.logits_output else [])
         out = self.infer(x, names)
         logits = out[meta.logits_output][0] if meta.logits_output else None
-        return BasePass(out[meta.probs_output][0], logits, out[meta.activation_output][0])
+        activations = out[meta.activation_output][0] if meta.has_activation else None
+        return BasePass(out[meta.probs_output][0], logits, activations)
 
     def close(self) -> None:
         """Release the engine's resources (no-op by default)."""

@@ -1,10 +1,12 @@
-"""A small ONNX → PyTorch interpreter for the exported CNN classifiers.
+"""A small ONNX → PyTorch interpreter for the exported image classifiers.
 
 The torch engine runs the *exported ONNX file* (the artefact that is deployed), not the
 original torch module, so it explains exactly what TensorRT and ONNX Runtime run. The op set
 covers what torch.onnx exports for image CNNs (convolutions, normalisation, activations,
-pooling, the classifier head, and the shape arithmetic around them); anything else raises
-ModelError naming the op.
+pooling, the classifier head, and the shape arithmetic around them) and for vision
+transformers (LayerNormalization, Einsum, Mod/Range/ScatterND of shifted windows, boolean
+ops); anything else raises ModelError naming the op. It was kept over the onnx2torch
+converter after measuring both (benchmarks/torch_engine_backends.py, RESULTS.md).
 
 Nodes whose inputs are all constants (e.g. the padding arithmetic of TF-style "same" convs)
 are folded once at load time on the CPU. Integer tensors (shapes, indices) stay on the CPU so
@@ -668,3 +670,112 @@ def _pad(node, x, pads=None, value=None, axes=None):
     if torch_mode == "constant":
         return [F.pad(x, torch_pads, mode="constant", value=fill)]
     return [F.pad(x, torch_pads, mode=torch_mode)]
+
+
+# ---------------------------------------------------------------- transformer ops
+# What torch.onnx exports for vision transformers (ViT/DeiT, Swin's shifted windows, MaxViT's
+# partitions, ConvNeXt's channels-last LayerNorm) beyond the CNN set above.
+
+
+@op("LayerNormalization")
+def _layer_norm(node, x, scale, bias=None):
+    F = node.interp.torch.nn.functional
+    axis = _axis(int(node.attr("axis", -1)), x.dim())
+    shape = tuple(x.shape[axis:])
+    return [F.layer_norm(x, shape, scale.reshape(shape), None if bias is None else bias.reshape(shape),
+                         eps=float(node.attr("epsilon", 1e-5)))]
+
+
+@op("InstanceNormalization")
+def _instance_norm(node, x, scale, bias):
+    F = node.interp.torch.nn.functional
+    return [F.instance_norm(x, weight=scale, bias=bias, eps=float(node.attr("epsilon", 1e-5)))]
+
+
+@op("Gelu")
+def _gelu(node, x):
+    approximate = node.attr("approximate", "none")
+    return [node.interp.torch.nn.functional.gelu(x, approximate="tanh" if approximate == "tanh" else "none")]
+
+
+@op("Mod")
+def _mod(node, a, b):
+    a, b = _like(a, b)
+    torch = node.interp.torch
+    # fmod=1: C fmod (sign of the dividend); fmod=0 (integers only): sign of the divisor, like Python
+    return [torch.fmod(a, b) if node.attr("fmod", 0) else torch.remainder(a, b)]
+
+
+op("GreaterOrEqual")(_binary(lambda node, a, b: a >= b))
+op("LessOrEqual")(_binary(lambda node, a, b: a <= b))
+op("And")(_binary(lambda node, a, b: node.interp.torch.logical_and(a, b)))
+op("Or")(_binary(lambda node, a, b: node.interp.torch.logical_or(a, b)))
+op("Xor")(_binary(lambda node, a, b: node.interp.torch.logical_xor(a, b)))
+
+
+@op("Not")
+def _not(node, x):
+    return [node.interp.torch.logical_not(x)]
+
+
+for _onnx_name, _function in {"Sin": "sin", "Cos": "cos", "Sign": "sign", "Round": "round"}.items():
+    op(_onnx_name)(_unary(_function))
+
+
+@op("Einsum")
+def _einsum(node, *xs):
+    return [node.interp.torch.einsum(node.attr("equation").replace(" ", ""), *xs)]
+
+
+@op("Range")
+def _range(node, start, limit, delta):
+    torch = node.interp.torch
+    values = [t.reshape(-1)[0].item() for t in (start, limit, delta)]
+    if start.is_floating_point():
+        return [torch.arange(*values, dtype=node.interp.dtype, device=node.interp.device)]
+    return [torch.arange(*(int(v) for v in values), dtype=start.dtype)]
+
+
+@op("Tile")
+def _tile(node, x, repeats):
+    return [x.repeat(*_ints(repeats))]
+
+
+@op("CumSum")
+def _cumsum(node, x, axis):
+    dim = _axis(_ints(axis)[0], x.dim())
+    torch = node.interp.torch
+    if node.attr("reverse", 0):
+        x = torch.flip(x, (dim,))
+    out = torch.cumsum(x, dim)
+    if node.attr("exclusive", 0):
+        out = out - x
+    return [torch.flip(out, (dim,)) if node.attr("reverse", 0) else out]
+
+
+@op("ScatterND")
+def _scatter_nd(node, data, indices, updates):
+    if node.attr("reduction", "none") != "none":
+        raise ModelError(f"ScatterND node {node.name}: reduction {node.attr('reduction')!r} is not supported")
+    data, updates = _like(data, updates)
+    out = data.clone()
+    idx = indices.to(out.device).long()
+    depth = idx.shape[-1]
+    flat = idx.reshape(-1, depth)
+    out[tuple(flat[:, i] for i in range(depth))] = updates.reshape(flat.shape[0], *out.shape[depth:])
+    return [out]
+
+
+@op("GatherElements")
+def _gather_elements(node, x, indices):
+    axis = _axis(int(node.attr("axis", 0)), x.dim())
+    idx = indices.to(x.device).long()
+    return [node.interp.torch.gather(x, axis, node.interp.torch.where(idx < 0, idx + x.shape[axis], idx))]
+
+
+@op("ArgMax", "ArgMin")
+def _arg_extreme(node, x):
+    torch = node.interp.torch
+    axis = _axis(int(node.attr("axis", 0)), x.dim())
+    fn = torch.argmax if node.op_type == "ArgMax" else torch.argmin
+    return [fn(x, dim=axis, keepdim=bool(node.attr("keepdims", 1)))]

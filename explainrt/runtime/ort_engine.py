@@ -117,7 +117,7 @@ class OnnxRuntimeEngine(DeviceEngine):
         self.device = "cpu" if device == "cpu" else "cuda"
         self.path = path
         names = {o.name for o in self.session.get_outputs()}
-        for role, name in (("probabilities", meta.probs_output), ("activation", meta.activation_output)):
+        for role, name in meta.engine_outputs():
             if name not in names:
                 raise ModelError(
                     f"{path}: its metadata names '{name}' as the {role} output, but the model has only "

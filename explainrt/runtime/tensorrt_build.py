@@ -152,7 +152,7 @@ def build_plan(onnx_path: str, plan_path: Optional[str] = None, max_batch: int =
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
             raise ModelError(f"TensorRT could not parse {onnx_path}: {errors}")
     outputs = {network.get_output(i).name for i in range(network.num_outputs)}
-    for role, name in (("probabilities", meta.probs_output), ("activation", meta.activation_output)):
+    for role, name in meta.engine_outputs():
         if name not in outputs:
             raise ModelError(f"{onnx_path}: the {role} output '{name}' is not an output of the parsed network "
                              f"(outputs: {sorted(outputs)})")
@@ -186,7 +186,7 @@ def build_plan(onnx_path: str, plan_path: Optional[str] = None, max_batch: int =
     if engine is None:
         raise ModelError(f"TensorRT could not load the plan it just built ({plan_path})")
     names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
-    if meta.activation_output not in names:
+    if meta.has_activation and meta.activation_output not in names:
         os.remove(plan_path)
         raise ModelError(f"the activation output '{meta.activation_output}' did not survive the TensorRT build "
                          f"(engine tensors: {sorted(names)})")

@@ -85,7 +85,7 @@ class TensorRTEngine(DeviceEngine):
         self._output_names = [n for n in names if n not in self._input_names]
         if self._input_names != [meta.input_name]:
             raise ModelError(f"{path}: expected one input '{meta.input_name}', the plan has {self._input_names}")
-        for role, name in (("probabilities", meta.probs_output), ("activation", meta.activation_output)):
+        for role, name in meta.engine_outputs():
             if name not in self._output_names:
                 raise ModelError(f"{path}: the {role} output '{name}' is not in the plan ({self._output_names})")
         self._dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}

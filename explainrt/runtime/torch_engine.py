@@ -128,7 +128,7 @@ class TorchEngine(DeviceEngine):
         self._inputs = [_info(i) for i in model.graph.input if i.name in self.graph.input_names]
         self._outputs = [_info(o) for o in model.graph.output]
         names = {o.name for o in self._outputs}
-        for role, name in (("probabilities", meta.probs_output), ("activation", meta.activation_output)):
+        for role, name in meta.engine_outputs():
             if name not in names:
                 raise ModelError(f"{path}: its metadata names '{name}' as the {role} output, but the model has only "
                                  f"outputs {sorted(names)}; re-export it with `explainrt export`")
