@@ -12,7 +12,7 @@ import numpy as np
 
 from ._repr import CompactRepr
 from .errors import InvalidInputError, ModelError
-from .explainers import METHODS
+from .explainers import METHODS, check_applicable
 from .explainers.base import Context, check_range, minmax
 from .explainers.driver import run_masked_passes
 from .imaging import ImageLike, PreparedImage, denormalise, overlay, prepare_image
@@ -186,13 +186,7 @@ class Explainer:
         if not isinstance(method, str) or method not in METHODS:
             raise InvalidInputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)} (one name)")
         algo = METHODS[method].create(**params)
-        if algo.needs_activation and not self.metadata.has_activation:
-            usable = ", ".join(name for name, cls in METHODS.items() if not cls.needs_activation)
-            model = f"model {self.metadata.name!r}" if self.metadata.name else "the model"
-            raise InvalidInputError(
-                f"method {method!r} needs the activations of a feature layer, but {model} was exported without one "
-                f"(a black-box model: scores only); use {usable} (or featurecam with base='rise'), or re-export "
-                "with an activation")
+        check_applicable(method, algo, self.metadata)
         t0 = time.perf_counter()
         prep = self.prepare(image)
         t1 = time.perf_counter()

@@ -248,6 +248,13 @@ def _explain_images(args, images: list[str], params: Optional[dict] = None) -> R
     explainer = Explainer(args.model, batch_size=args.batch_size, backend=args.backend, device=args.device,
                           **({"threads": args.threads} if args.threads else {}))
     meta = explainer.metadata
+    if not meta.has_activation and "all" in args.method.split(","):
+        from .explainers import METHODS
+
+        skipped = [m for m in methods if METHODS[m].create(**params[m]).needs_activation]
+        methods = [m for m in methods if m not in skipped]
+        print(f"explainrt: {meta.name or 'the model'} is a black-box model (no activation): "
+              f"skipping {', '.join(skipped)}; running {', '.join(methods)}", file=sys.stderr)
     targets = resolve_targets(args.target, meta.labels, meta.num_classes)
     show_bar = not args.no_progress
     run = RunRecord()

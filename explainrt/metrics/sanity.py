@@ -101,7 +101,7 @@ def cascading_randomization(model, image: ImageLike, methods: Sequence[str], lay
                 randomise_layer(dict(current.named_modules())[step], generator)
             path = os.path.join(tmp, f"step{k}.onnx")
             meta = export_torch(current, path, **export_options)
-            if k == 0:
+            if k == 0 and meta.activation_layer:
                 export_options.setdefault("layer", meta.activation_layer.split("#")[0])
             with Explainer(path, batch_size=batch_size) as explainer:
                 if target is None:

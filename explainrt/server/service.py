@@ -442,14 +442,16 @@ def model_metadata(model) -> pb.ModelMetadataResponse:
     response = pb.ModelMetadataResponse(
         name=model.name, input_name=meta.input_name, input_size=list(meta.input_size), mean=list(meta.mean),
         std=list(meta.std), logits_output=meta.logits_output or "", probs_output=meta.probs_output,
-        activation_output=meta.activation_output, activation_layer=meta.activation_layer or "",
-        activation_shape=list(meta.activation_shape), num_classes=meta.num_classes,
+        activation_output=meta.activation_output or "", activation_layer=meta.activation_layer or "",
+        activation_shape=list(meta.activation_shape or ()), num_classes=meta.num_classes,
         labels=[meta.label(i) for i in range(meta.num_classes)], backend=engine.backend, device=engine.device,
         batch_size=model.explainer.batch_size)
     for spec, infos in ((response.inputs, engine.inputs), (response.outputs, engine.outputs)):
         for info in infos:
             spec.add(name=info.name, dtype=info.dtype, shape=[-1 if d is None else int(d) for d in info.shape])
     for name, params in Explainer.methods().items():
+        if METHODS[name].needs_activation and not meta.has_activation:
+            continue  # a black-box model: only the methods that need class scores alone
         method = response.methods.add(name=name)
         for key, default in params.items():
             method.parameters.add(name=key, default_json=json.dumps(default))

@@ -21,7 +21,7 @@ import numpy as np
 from ..api import Explanation
 from ..cli import parse_params
 from ..errors import ExplainRTError, InvalidInputError
-from ..explainers import METHODS
+from ..explainers import METHODS, check_applicable
 from ..explainers.base import Method
 from ..explainers.featurecam import BUILTIN_EDGES
 from ..export.metadata import ModelMetadata
@@ -164,7 +164,7 @@ def response_size(meta: ModelMetadata, n_targets: int, dtype: int, map_hw: tuple
 
 def _passes(method: Method, meta: ModelMetadata) -> int:
     """Masked forward passes of ``method`` (the base pass not included), an upper bound."""
-    channels = meta.activation_shape[0]
+    channels = (meta.activation_shape or (0,))[0]  # a black-box model has none (RISE needs none)
     name = method.name
     if name == "fem":
         return 0
@@ -203,7 +203,7 @@ def estimate_memory(method: Method, meta: ModelMetadata, batch_size: int, n_targ
     plus one map at a time at response size (``response.map_hw``); and, when ``response`` has an
     overlay, its work (a float32 map, then uint8 images). Not counted: the engine's own working memory (ONNX Runtime's arena, held per session).
     """
-    c, ha, wa = meta.activation_shape
+    c, ha, wa = meta.activation_shape or (0, 0, 0)
     h, w = meta.input_size
     k = meta.num_classes
     t = max(1, n_targets)
@@ -236,7 +236,7 @@ def estimate_memory(method: Method, meta: ModelMetadata, batch_size: int, n_targ
 
 def _method_memory(method: Method, meta: ModelMetadata, t: int, masked: int) -> int:
     """The masks and weighting work of ``method`` (bytes), beyond what every method needs."""
-    c, ha, wa = meta.activation_shape
+    c, ha, wa = meta.activation_shape or (0, 0, 0)
     h, w = meta.input_size
     f32, f64 = 4, 8
     acts = c * ha * wa
@@ -284,6 +284,7 @@ def parse_request(request: pb.ExplainRequest, models: ModelRepository,
         if isinstance(exc, InvalidInputError):
             raise
         raise InvalidInputError(f"invalid parameters for method '{method}': {exc}; see GetModelMetadata") from None
+    check_applicable(method, method_obj, meta)  # a black-box model: before the cost model, which reads C
     for part in (method_obj, getattr(method_obj, "base", None)):  # RISE, also as Feature CAM's base
         if hasattr(part, "check_input"):
             part.check_input(meta.input_size)  # before the memory estimate, which grows with the grid
