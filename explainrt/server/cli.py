@@ -48,6 +48,9 @@ def register(subparsers) -> None:
                    help=f"largest request in MiB (default {d.max_receive_mib}: a 4K PNG or raw RGB image fits)")
     p.add_argument("--grace", type=float, default=d.grace_s,
                    help=f"seconds in-flight requests get to finish on SIGTERM (default {d.grace_s:g})")
+    p.add_argument("--replica-name", default=None, metavar="NAME",
+                   help="this server's name in the explainrt-replica metadata of its answers, which tells a "
+                        "client balancing over several servers who answered (default HOSTNAME:PORT)")
     p.add_argument("--memory-budget-mib", type=positive_int, default=d.memory_budget_mib,
                    help=f"memory that all running requests may hold together; a request waits until its share fits, "
                         f"one that can never fit is refused (default {d.memory_budget_mib})")
@@ -72,7 +75,9 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("client", help="explain images on a running server (writes what `explain` writes)")
     p.add_argument("images", nargs="*", help="image files")
-    p.add_argument("--url", required=True, help="server address HOST:PORT")
+    p.add_argument("--url", required=True,
+                   help="server address HOST:PORT; several replicas: HOST:PORT,HOST:PORT,... or dns:///NAME:PORT "
+                        "(every address of NAME, e.g. a Kubernetes headless Service), balanced round robin")
     p.add_argument("--model", default=None, help="model name (default: the server's only model)")
     add_request_options(p)
     p.add_argument("--timeout", type=positive_float, default=None, help="seconds for the whole run (default: none)")
@@ -114,7 +119,7 @@ def cmd_serve(args) -> int:
                           ort_spinning=args.ort_spinning,
                           max_receive_mib=args.max_message_mib, max_send_mib=max(args.max_message_mib, 256),
                           max_masks=args.max_masks, max_targets=args.max_targets,
-                          max_pixels=int(args.max_megapixels * 1e6), grace_s=args.grace,
+                          max_pixels=int(args.max_megapixels * 1e6), grace_s=args.grace, replica_name=args.replica_name,
                           memory_budget_mib=args.memory_budget_mib, max_calls=args.max_calls,
                           max_queue_delay_ms=args.max_queue_delay_ms, cheap_passes=args.cheap_passes,
                           tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
@@ -204,12 +209,13 @@ def cmd_client(args) -> int:
             # other in its queue, so the end-to-end latency would add up the items before it.
             seconds = sum(item.timings[k] for k in ("preprocess_s", "base_pass_s", "explain_s", "postprocess_s"))
             if args.json:
-                print(dumps(result_record(path, method, item.target, item.label, item.probability,
-                                          item.forward_passes, seconds, files,
-                                          [[c, round(p, 6)] for c, p in item.top_k(5)])))
+                record = result_record(path, method, item.target, item.label, item.probability,
+                                       item.forward_passes, seconds, files, [[c, round(p, 6)] for c, p in item.top_k(5)])
+                print(dumps({**record, "replica": item.replica}))
             else:
-                print(result_line(stem, method, item.target, item.label, item.probability, item.forward_passes,
-                                  seconds, files, item.saliency))
+                line = result_line(stem, method, item.target, item.label, item.probability, item.forward_passes,
+                                   seconds, files, item.saliency)
+                print(f"{line} [{item.replica}]" if client.balanced and item.replica else line)
         log.info("event=client_done items=%d failures=%d seconds=%.3f", len(jobs), failures,
                  time.perf_counter() - t_start)
     return 1 if failures else 0

@@ -34,6 +34,9 @@ class ServerConfig:
     max_targets: int = 16  # classes one request may explain
     max_pixels: int = 64_000_000  # largest decoded image
     grace_s: float = 30.0  # SIGTERM: time for in-flight requests to finish
+    # This server's name in the "explainrt-replica" metadata of its answers (None: hostname:port,
+    # i.e. the pod's name on Kubernetes), so that a client balancing over replicas can say which answered.
+    replica_name: Optional[str] = None
     progress_interval_s: float = 0.5
     keepalive_time_s: float = 30.0
     keepalive_timeout_s: float = 10.0
