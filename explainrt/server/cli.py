@@ -48,6 +48,9 @@ def register(subparsers) -> None:
                    help=f"largest request in MiB (default {d.max_receive_mib}: a 4K PNG or raw RGB image fits)")
     p.add_argument("--grace", type=float, default=d.grace_s,
                    help=f"seconds in-flight requests get to finish on SIGTERM (default {d.grace_s:g})")
+    p.add_argument("--max-connection-age", type=positive_float, default=None, metavar="SECONDS",
+                   help="close each client connection after this long (its calls finish first), so that clients "
+                        "balancing over a DNS name re-resolve it and find new replicas (default: never)")
     p.add_argument("--replica-name", default=None, metavar="NAME",
                    help="this server's name in the explainrt-replica metadata of its answers, which tells a "
                         "client balancing over several servers who answered (default HOSTNAME:PORT)")
@@ -105,25 +108,30 @@ def _queue_delay(text: str):
     return None if text.strip().lower() == "off" else _bounded(float, 0, 1000, bounds="milliseconds in 0..1000 or 'off'")(text)
 
 
+def server_config(args) -> "ServerConfig":
+    """The ``ServerConfig`` of parsed `explainrt serve` arguments."""
+    from .config import ServerConfig
+
+    return ServerConfig(
+        models=args.models, host=args.host, port=args.port, metrics_port=args.metrics_port, workers=args.workers,
+        cheap_workers=args.cheap_workers, queue_size=args.queue_size, batch_size=args.batch_size,
+        backend=args.backend, device=args.device, threads=args.threads, ort_spinning=args.ort_spinning,
+        max_receive_mib=args.max_message_mib, max_send_mib=max(args.max_message_mib, 256), max_masks=args.max_masks,
+        max_targets=args.max_targets, max_pixels=int(args.max_megapixels * 1e6), grace_s=args.grace,
+        replica_name=args.replica_name, max_connection_age_s=args.max_connection_age,
+        memory_budget_mib=args.memory_budget_mib, max_calls=args.max_calls, max_queue_delay_ms=args.max_queue_delay_ms,
+        cheap_passes=args.cheap_passes, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca, auth_token_file=args.auth_token_file)
+
+
 def cmd_serve(args) -> int:
     require("grpc", "serve", "`explainrt serve`")
     from . import logs
     from .app import ExplainServer
-    from .config import ServerConfig
     from .security import exposure_warning, security_summary
 
     logs.configure(args.log_format, logging.INFO)
-    config = ServerConfig(models=args.models, host=args.host, port=args.port, metrics_port=args.metrics_port,
-                          workers=args.workers, cheap_workers=args.cheap_workers, queue_size=args.queue_size, batch_size=args.batch_size,
-                          backend=args.backend, device=args.device, threads=args.threads,
-                          ort_spinning=args.ort_spinning,
-                          max_receive_mib=args.max_message_mib, max_send_mib=max(args.max_message_mib, 256),
-                          max_masks=args.max_masks, max_targets=args.max_targets,
-                          max_pixels=int(args.max_megapixels * 1e6), grace_s=args.grace, replica_name=args.replica_name,
-                          memory_budget_mib=args.memory_budget_mib, max_calls=args.max_calls,
-                          max_queue_delay_ms=args.max_queue_delay_ms, cheap_passes=args.cheap_passes,
-                          tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
-                          auth_token_file=args.auth_token_file)
+    config = server_config(args)
     server = ExplainServer(config)
     server.install_signal_handlers()
     server.start(load=False)

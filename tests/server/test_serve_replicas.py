@@ -20,7 +20,7 @@ import time
 import numpy as np
 import pytest
 
-from explainrt.client import ExplainClient, RemoteExplanation, channel_target
+from explainrt.client import ExplainClient, RemoteError, RemoteExplanation, channel_target
 from explainrt.errors import InvalidInputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -183,3 +183,59 @@ def test_addresses_and_their_errors():
                        ("::1:5,::1:6", "in brackets"), ("127.0.0.1:1,[::1]:2", "mix IPv4 and IPv6"), (",", "no server")):
         with pytest.raises(InvalidInputError, match=words):
             channel_target(bad)
+
+
+def test_replica_names_reach_the_client_and_the_cli(single_model_dir, png_path, tmp_path, capsys):
+    import json
+
+    from explainrt.cli import main
+    from serve_helpers import start_server
+
+    servers = [start_server(single_model_dir, replica_name=name) for name in ("pod-a", "pod-b")]
+    try:
+        url = ",".join(f"127.0.0.1:{s.port}" for s in servers)
+        with ExplainClient(url, timeout=10) as client:
+            client.wait_until_serving(10)
+            assert {client.explain(IMAGE, "fem").replica for _ in range(6)} == {"pod-a", "pod-b"}
+            with pytest.raises(RemoteError) as err:
+                client.explain(IMAGE, "fem", model="nope")
+            assert err.value.code == "NOT_FOUND" and err.value.replica in ("pod-a", "pod-b")
+        assert main(["client", png_path, "--url", url, "--method", "fem,sidu", "-o", str(tmp_path / "j"),
+                     "--no-progress", "--json"]) == 0
+        records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert len(records) == 2 and records[0]["replica"] == records[1]["replica"] in ("pod-a", "pod-b")
+        assert main(["client", png_path, "--url", url, "--method", "fem", "-o", str(tmp_path / "t"),
+                     "--no-progress"]) == 0
+        assert re.search(r"^picture: .* \[pod-[ab]\]$", capsys.readouterr().out, re.M)
+    finally:
+        for s in servers:
+            s.stop(grace=0)
+
+
+def test_connections_closed_by_max_age_lose_no_call(single_model_dir):
+    """--max-connection-age: the server closes connections (GOAWAY) under calls in flight; none fails."""
+    from serve_helpers import start_server
+
+    srv = start_server(single_model_dir, max_connection_age_s=0.2)
+    outcomes: list = []
+    try:
+        assert ("grpc.max_connection_age_ms", 200) in srv.config.grpc_options()
+        with ExplainClient(f"127.0.0.1:{srv.port}", timeout=10, retries=0) as client:
+            end = time.monotonic() + 1.5  # several connection lifetimes
+
+            def run():
+                while time.monotonic() < end:
+                    try:
+                        outcomes.append(client.explain(IMAGE, "fem"))
+                    except Exception as exc:  # recorded for the assertion
+                        outcomes.append(exc)
+
+            threads = [threading.Thread(target=run) for _ in range(3)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+    finally:
+        srv.stop(grace=0)
+    assert len(outcomes) > 30 and all(isinstance(o, RemoteExplanation) for o in outcomes), \
+        [o for o in outcomes if not isinstance(o, RemoteExplanation)][:3]
