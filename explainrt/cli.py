@@ -228,6 +228,10 @@ def method_params(params: dict, method: str) -> dict:
 def cmd_explain(args) -> int:
     if args.target is not None and args.target < 0:
         raise InvalidInputError(f"--target must be a class index >= 0, got {args.target}")
+    if args.ray is not None:  # explainrt.distributed: the same explanations on Ray Data
+        from .distributed.cli import cmd_explain_ray
+
+        return cmd_explain_ray(args)
     return _explain_images(args, args.images)
 
 
@@ -286,6 +290,8 @@ def _add_explain_options(p) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .distributed.cli import add_ray_options
+
     parser = argparse.ArgumentParser(prog="explainrt", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -305,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--model", required=True, help="exported .onnx model")
     _add_explain_options(p)
+    add_ray_options(p)
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("demo", help="explain scikit-image photographs with the built-in EfficientNet-Lite0")
