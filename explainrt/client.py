@@ -127,7 +127,8 @@ class ExplainClient:
     ``RemoteError`` with code UNAUTHENTICATED (never retried).
     """
 
-    def __init__(self, url: str, timeout: Optional[float] = 60.0, retries: int = 3, backoff: float = 0.1,
+    def __init__(self, url: Union[str, Sequence[str]], timeout: Optional[float] = 60.0, retries: int = 3,
+                 backoff: float = 0.1,
                  max_message_mib: int = 256, model: Optional[str] = None, *, tls: bool = False,
                  tls_ca: Optional[PathLike] = None, tls_cert: Optional[PathLike] = None,
                  tls_key: Optional[PathLike] = None, tls_server_name: Optional[str] = None,
@@ -371,7 +372,7 @@ class ExplainClient:
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
     def wait_until_serving(self, timeout: float = 30.0, service: str = "") -> None:
-        """Poll the health check until SERVING; raises RemoteError('UNAVAILABLE', ...) after ``timeout``."""
+        """Poll the health check until SERVING (balanced: one replica is); RemoteError UNAVAILABLE after ``timeout``."""
         end = time.monotonic() + timeout
         status = "UNREACHABLE"
         while time.monotonic() < end:

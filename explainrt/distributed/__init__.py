@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -42,13 +43,15 @@ def init(address: Optional[str] = None, **options) -> None:
         ray.init(address=address or None, **options)
 
 
-def read_images(images: ImagesInput):
+def read_images(images: ImagesInput, concurrency: Optional[int] = None):
     """A ``ray.data.Dataset`` of ``bytes`` and ``path`` rows.
 
     ``images``: a directory or URI prefix Ray can read, one file, a list of them (files whose
-    extension is not an image's are skipped), or an existing Dataset with a ``bytes`` column (encoded images) or an ``image``
-    column (uint8 H×W×3 arrays), and optionally ``path``. Reads take no CPU slot (they are I/O),
-    so that every CPU can hold an explaining actor.
+    extension is not an image's are skipped), or an existing Dataset with a ``bytes`` column
+    (encoded images) or an ``image`` column (uint8 H×W×3 arrays), and optionally ``path``.
+    Reads take no CPU slot (they are I/O), so that every CPU can hold an explaining actor;
+    ``concurrency`` caps the read tasks running at once (each is a worker process: without a
+    cap, Ray starts one per block, hundreds for a large directory).
     """
     ray = _ray()
     if isinstance(images, ray.data.Dataset):
@@ -58,8 +61,7 @@ def read_images(images: ImagesInput):
                                     "'image' (uint8 H×W×3 arrays), and optionally 'path'")
         return images
     if isinstance(images, (str, os.PathLike)):
-        path = os.fspath(images)
-        paths = [path]
+        paths = [os.fspath(images)]
     else:
         paths = [os.fspath(p) for p in images]
     if not paths:
@@ -68,8 +70,9 @@ def read_images(images: ImagesInput):
     if missing:
         raise InvalidInputError(f"image or directory not found: {missing[0]}" + (
             f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    return ray.data.read_binary_files(paths, include_paths=True, num_cpus=0, file_extensions=list(
-        IMAGE_EXTENSIONS + tuple(e.upper() for e in IMAGE_EXTENSIONS)))
+    paths = [p if "://" in p else os.path.abspath(p) for p in paths]  # workers need not share our directory
+    return ray.data.read_binary_files(paths, include_paths=True, num_cpus=0, concurrency=concurrency,
+                                      file_extensions=[*IMAGE_EXTENSIONS, *(e.upper() for e in IMAGE_EXTENSIONS)])
 
 
 def _decode(batch: Mapping[str, np.ndarray], i: int) -> tuple[str, np.ndarray]:
@@ -126,13 +129,15 @@ class ExplainBatch(_Worker):
                 rows.append({"path": path, "method": method, "target": result.target, "label": result.label,
                              "probability": float(result.probs[result.target]),
                              "forward_passes": result.forward_passes, "saliency": result.saliency,
-                             **{k: float(result.timings[k]) for k in TIMING_KEYS}, "error": "", "worker": self.name})
+                             **{k: float(result.timings[k]) for k in TIMING_KEYS}, "error": "", "worker": self.name,
+                             "finished": time.time()})
         return _columns(rows)
 
     def _failed(self, path: str, method: str, exc: BaseException) -> dict:
         return {"path": path, "method": method, "target": -1, "label": "", "probability": float("nan"),
                 "forward_passes": 0, "saliency": np.full(self.hw, np.nan, np.float32),
-                **{k: float("nan") for k in TIMING_KEYS}, "error": _reason(exc), "worker": self.name}
+                **{k: float("nan") for k in TIMING_KEYS}, "error": _reason(exc), "worker": self.name,
+                "finished": time.time()}
 
 
 class EvaluateBatch(_Worker):
@@ -182,7 +187,8 @@ class EvaluateBatch(_Worker):
                 "target": -1, "label": "", "probability": nan, "forward_passes": 0, "explain_seconds": nan,
                 "insertion_auc": nan, "deletion_auc": nan,
                 **{f"{mode}_scores": np.full(self.points, np.nan) for mode in CURVE_MODES},
-                "curve_step": self.step, "curve_pixels": self.pixels, "map_original_class": -1, "map_original_prob": nan, "map_class": -1, "map_prob": nan,
+                "curve_step": self.step, "curve_pixels": self.pixels, "map_original_class": -1,
+                "map_original_prob": nan, "map_class": -1, "map_prob": nan,
                 "map_kept_fraction": nan, "error": _reason(exc), "worker": self.name}
 
 
@@ -220,7 +226,7 @@ def _map(images, cls, args: tuple, *, actors, threads, device, rows_per_batch: i
         raise InvalidInputError(f"rows_per_batch must be >= 1, got {rows_per_batch}")
     threads = int(threads or 1)
     size = _actors(ray, actors, threads, device)
-    ds = read_images(images).map_batches(
+    ds = read_images(images, concurrency=size).map_batches(
         cls, fn_constructor_args=args, batch_size=rows_per_batch, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=size),
         **({"num_gpus": 1, "num_cpus": 1} if device == "cuda" else {"num_cpus": threads}))
@@ -230,8 +236,8 @@ def _map(images, cls, args: tuple, *, actors, threads, device, rows_per_batch: i
     return ray.data.read_parquet(output)
 
 
-def _check(model: str, methods: Union[str, Sequence[str]], params: Optional[Mapping]) -> tuple[list[str], dict]:
-    """Methods and parameters checked on the driver, before any actor starts."""
+def _check(model: str, methods: Union[str, Sequence[str]], params: Optional[Mapping]) -> tuple[list[str], dict, str]:
+    """Methods, parameters and the model's absolute path, checked on the driver before any actor starts."""
     from ..explainers import METHODS
     from ..outputs import parse_methods
 
@@ -246,9 +252,10 @@ def _check(model: str, methods: Union[str, Sequence[str]], params: Optional[Mapp
             METHODS[m].create(**params[m])
         except InvalidInputError as exc:
             raise InvalidInputError(f"{m}: {exc}") from None
-    if "://" not in str(model) and not os.path.isfile(model):
-        raise InvalidInputError(f"model file not found: {model}")
-    return methods, params
+    if not os.path.isfile(model):
+        raise InvalidInputError(f"model file not found: {model} (on a cluster, put it where every node and this "
+                                "driver read it)")
+    return methods, params, os.path.abspath(model)
 
 
 def explain_dataset(model: str, images: ImagesInput, methods: Union[str, Sequence[str]] = "sidu", *,
@@ -260,7 +267,8 @@ def explain_dataset(model: str, images: ImagesInput, methods: Union[str, Sequenc
 
     Columns: path, method, target, label, probability, forward_passes, saliency (a float32
     H×W tensor at the model's input size; NaN where the row failed), preprocess_s, base_pass_s,
-    explain_s, total_s, error ("" or the reason the image failed), worker (host:pid of the actor).
+    explain_s, total_s, error ("" or the reason the image failed), worker (host:pid of the actor),
+    finished (when the row was done, seconds since the epoch).
 
     ``model`` must be readable by every worker (a shared path). ``params``: ``{method: {param:
     value}}``; ``target``: a class index (default: each image's top-1). ``output``: a directory
@@ -269,7 +277,7 @@ def explain_dataset(model: str, images: ImagesInput, methods: Union[str, Sequenc
     threads) per actor; ``actors``: pool size (default: every CPU, or one actor per GPU);
     ``rows_per_batch``: images handed to an actor at a time.
     """
-    methods, params = _check(model, methods, params)
+    methods, params, model = _check(model, methods, params)
     if target is not None and (isinstance(target, bool) or not isinstance(target, (int, np.integer)) or target < 0):
         raise InvalidInputError(f"target must be a class index >= 0 (or None), got {target!r}")
     return _map(images, ExplainBatch, (str(model), methods, params, target, batch_size, backend, device, threads),
@@ -290,7 +298,7 @@ def evaluate_dataset(model: str, images: ImagesInput, methods: Union[str, Sequen
     ``ImageEvaluation`` records, whose ``metrics.evaluate.summarise`` is the table of `eval`.
     Other arguments as ``explain_dataset``.
     """
-    methods, params = _check(model, methods, params)
+    methods, params, model = _check(model, methods, params)
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 1:
         raise InvalidInputError(f"step must be an integer >= 1 pixel, got {step!r}")
     return _map(images, EvaluateBatch, (str(model), methods, params, int(step), float(percentile), batch_size,

@@ -86,7 +86,7 @@ def cmd_explain_ray(args) -> int:
 
 
 def cmd_eval_ray(args) -> int:
-    """`eval --ray`: what `eval` writes (eval.json with the failed images, eval.csv, curves.png) plus the rows as Parquet."""
+    """`eval --ray`: what `eval` writes (eval.json, with the failed images; eval.csv; curves.png), rows as Parquet."""
     from ..cli import params_by_method, parse_params
     from ..metrics import evaluate as ev
     from ..outputs import parse_methods, prepare_output_dir

@@ -217,8 +217,9 @@ def cmd_client(args) -> int:
             # other in its queue, so the end-to-end latency would add up the items before it.
             seconds = sum(item.timings[k] for k in ("preprocess_s", "base_pass_s", "explain_s", "postprocess_s"))
             if args.json:
+                top = [[c, round(p, 6)] for c, p in item.top_k(5)]
                 record = result_record(path, method, item.target, item.label, item.probability,
-                                       item.forward_passes, seconds, files, [[c, round(p, 6)] for c, p in item.top_k(5)])
+                                       item.forward_passes, seconds, files, top)
                 print(dumps({**record, "replica": item.replica}))
             else:
                 line = result_line(stem, method, item.target, item.label, item.probability, item.forward_passes,

@@ -67,7 +67,7 @@ class ServerConfig:
     bulk_nice: int = 10
 
     def grpc_options(self) -> list[tuple[str, int]]:
-        """Channel arguments: message limits, keepalive (pings from clients every >= 10 s are allowed), connection age."""
+        """Channel arguments: message limits, keepalive (client pings every >= 10 s allowed), connection age."""
         age = [] if self.max_connection_age_s is None else [("grpc.max_connection_age_ms",
                                                              max(1, int(self.max_connection_age_s * 1000)))]
         return age + [
