@@ -16,11 +16,11 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
 pytest.importorskip("pyarrow")
 
-from conftest import random_rgb, write_image  # noqa: E402
 from explainrt import Explainer  # noqa: E402
 from explainrt.distributed import (evaluate_dataset, evaluation_records, explain_dataset,  # noqa: E402
                                    summarise_explanations)
 from explainrt.errors import InvalidInputError  # noqa: E402
+from explainrt.imaging import write_png  # noqa: E402
 from explainrt.metrics import evaluate as ev  # noqa: E402
 
 METHODS = ["fem", "sidu"]
@@ -39,7 +39,7 @@ def image_dir(tmp_path_factory):
     """Five small images of different sizes, a corrupt .png, and a text file (not an image: skipped)."""
     root = tmp_path_factory.mktemp("dataset")
     for i, (h, w) in enumerate([(40, 48), (32, 32), (50, 30), (36, 44), (64, 64)]):
-        write_image(root / f"img{i}.png", random_rgb(h, w, seed=i))
+        write_png(str(root / f"img{i}.png"), np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8))
     (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a picture")
     (root / "notes.txt").write_text("not an image")
     return str(root)
