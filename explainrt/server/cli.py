@@ -5,8 +5,12 @@ import logging
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from ..errors import InvalidInputError, require
+
+if TYPE_CHECKING:
+    from .config import ServerConfig
 
 log = logging.getLogger(__name__)
 
