@@ -94,11 +94,10 @@ def _reason(exc: BaseException) -> str:
 class _Worker:
     """Base of the actors: one ``Explainer`` per actor, loaded once."""
 
-    def __init__(self, model: str, batch_size: int, backend: str, device: str, threads: Optional[int]):
+    def __init__(self, model: str, batch_size: int, backend: str, device: str, threads: int):
         from ..api import Explainer
 
-        self.explainer = Explainer(model, batch_size=batch_size, backend=backend, device=device,
-                                   **({"threads": threads} if threads else {}))
+        self.explainer = Explainer(model, batch_size=batch_size, backend=backend, device=device, threads=threads)
         self.hw = tuple(self.explainer.metadata.input_size)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -107,7 +106,7 @@ class ExplainBatch(_Worker):
     """``map_batches`` callable: one output row per (image, method)."""
 
     def __init__(self, model: str, methods: Sequence[str], params: Mapping, target: Optional[int], batch_size: int,
-                 backend: str, device: str, threads: Optional[int]):
+                 backend: str, device: str, threads: int):
         super().__init__(model, batch_size, backend, device, threads)
         self.methods, self.params, self.target = list(methods), dict(params), target
 
@@ -144,7 +143,7 @@ class EvaluateBatch(_Worker):
     """``map_batches`` callable: `explainrt eval`'s scores, one output row per (image, method)."""
 
     def __init__(self, model: str, methods: Sequence[str], params: Mapping, step: int, percentile: float,
-                 batch_size: int, backend: str, device: str, threads: Optional[int]):
+                 batch_size: int, backend: str, device: str, threads: int):
         super().__init__(model, batch_size, backend, device, threads)
         self.methods, self.params, self.step, self.percentile = list(methods), dict(params), step, percentile
         from ..metrics.insertion_deletion import step_count
@@ -220,11 +219,19 @@ def _actors(ray, actors: Optional[int], threads: int, device: str) -> int:
     return max(1, int(resources.get("CPU", 1) // threads))
 
 
-def _map(images, cls, args: tuple, *, actors, threads, device, rows_per_batch: int, output: Optional[str]):
+def _threads(threads: Optional[int]) -> int:
+    """ONNX Runtime threads per actor, which is also the CPUs it reserves (default 1)."""
+    if threads is None:
+        return 1
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
+        raise InvalidInputError(f"threads must be an integer >= 1 (or None), got {threads!r}")
+    return int(threads)
+
+
+def _map(images, cls, args: tuple, *, actors, threads: int, device, rows_per_batch: int, output: Optional[str]):
     ray = _ray()
     if rows_per_batch < 1:
         raise InvalidInputError(f"rows_per_batch must be >= 1, got {rows_per_batch}")
-    threads = int(threads or 1)
     size = _actors(ray, actors, threads, device)
     ds = read_images(images, concurrency=size).map_batches(
         cls, fn_constructor_args=args, batch_size=rows_per_batch, batch_format="numpy",
@@ -278,6 +285,7 @@ def explain_dataset(model: str, images: ImagesInput, methods: Union[str, Sequenc
     ``rows_per_batch``: images handed to an actor at a time.
     """
     methods, params, model = _check(model, methods, params)
+    threads = _threads(threads)
     if target is not None and (isinstance(target, bool) or not isinstance(target, (int, np.integer)) or target < 0):
         raise InvalidInputError(f"target must be a class index >= 0 (or None), got {target!r}")
     return _map(images, ExplainBatch, (str(model), methods, params, target, batch_size, backend, device, threads),
@@ -299,6 +307,7 @@ def evaluate_dataset(model: str, images: ImagesInput, methods: Union[str, Sequen
     Other arguments as ``explain_dataset``.
     """
     methods, params, model = _check(model, methods, params)
+    threads = _threads(threads)
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 1:
         raise InvalidInputError(f"step must be an integer >= 1 pixel, got {step!r}")
     return _map(images, EvaluateBatch, (str(model), methods, params, int(step), float(percentile), batch_size,
