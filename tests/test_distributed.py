@@ -127,6 +127,18 @@ def test_cli_explain_and_eval_with_ray(local_ray, tiny_model, image_dir, tmp_pat
     assert (out / "eval.csv").exists() and (out / "curves.png").exists()
 
 
+def test_an_existing_dataset_of_arrays_is_explained_too(local_ray, tiny_model):
+    _, model = tiny_model
+    images = [np.random.default_rng(10 + i).integers(0, 256, (32, 40, 3), dtype=np.uint8) for i in range(3)]
+    items = [{"image": im, "path": f"mem://{i}"} for i, im in enumerate(images)]
+    rows = {r["path"]: r for r in explain_dataset(model, ray.data.from_items(items), "fem", threads=1).take_all()}
+    explainer = Explainer(model, threads=1)
+    for i, im in enumerate(images):
+        np.testing.assert_array_equal(rows[f"mem://{i}"]["saliency"], explainer.explain(im, "fem").saliency)
+    with pytest.raises(InvalidInputError, match="needs 'bytes'"):
+        explain_dataset(model, ray.data.from_items([{"x": 1}]), "fem")
+
+
 def test_bad_arguments_fail_on_the_driver_with_one_line(local_ray, tiny_model, tmp_path):
     _, model = tiny_model
     with pytest.raises(InvalidInputError, match="unknown method 'nope'"):
