@@ -17,7 +17,7 @@ is that the same code runs on a cluster, where throughput grows with the actors.
 ``ray.init("auto")`` (or RAY_ADDRESS) before ``explain_dataset``, or
 ``explainrt explain --ray auto --model /shared/lite0.onnx s3://bucket/images/ -o /shared/out``.
 
-    PYTHONPATH=. python benchmarks/ray_bench.py                            # fem (256 images), sidu (8)
+    PYTHONPATH=. python benchmarks/ray_bench.py                  # fem (256 images), sidu (8), 2 rounds (ABC, CBA)
     PYTHONPATH=. python benchmarks/ray_bench.py --images fem=128,sidu=16 --json benchmarks/out/ray.json
 """
 from __future__ import annotations
@@ -99,6 +99,7 @@ def main() -> int:
     parser.add_argument("--images", default="fem=256,sidu=8", help="images per method (default fem=256,sidu=8)")
     parser.add_argument("--rows-per-batch", default="fem=16,sidu=1",
                         help="images per actor call (default fem=16: FEM takes milliseconds; sidu=1)")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of every config, in alternating order (median)")
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 2, help="CPUs of the local Ray and the loop")
     parser.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "out", "ray_bench.json"))
     args = parser.parse_args()
@@ -120,26 +121,41 @@ def main() -> int:
             directory = os.path.join(tmp, method)
             os.makedirs(directory)
             paths = write_images(directory, n)
-            loop = time_loop(model, paths, method, args.cpus)
-            rows = [loop] + [time_ray(model, paths, method, a, t, batches.get(method, 4)) for a, t in pools]
-            for row in rows:
-                row.update(method=method, images=n, vs_loop=row["images_per_s"] / loop["images_per_s"])
+            configs = [lambda: time_loop(model, paths, method, args.cpus)] + [
+                (lambda a=a, t=t: time_ray(model, paths, method, a, t, batches.get(method, 4))) for a, t in pools]
+            runs: list[list[dict]] = [[] for _ in configs]
+            for r in range(args.rounds):  # ABC, CBA, ...: a load that drifts hits every config alike
+                order = range(len(configs)) if r % 2 == 0 else reversed(range(len(configs)))
+                for i in order:
+                    runs[i].append(configs[i]())
+            loop_s = [run["seconds"] for run in runs[0]]
+            for config_runs in runs:
+                seconds = [run["seconds"] for run in config_runs]
+                row = {**config_runs[0], "method": method, "images": n, "rounds_s": seconds,
+                       "seconds": float(np.median(seconds))}
+                row["images_per_s"] = n / row["seconds"]
+                paired = [ls / cs for ls, cs in zip(loop_s, seconds)]  # each round against its own loop
+                row.update(vs_loop=float(np.median(loop_s)) / row["seconds"], vs_loop_range=[min(paired), max(paired)])
                 if "steady_images_per_s" in row:
-                    row["steady_vs_loop"] = row["steady_images_per_s"] / loop["images_per_s"]
+                    row["steady_images_per_s"] = float(np.median([run["steady_images_per_s"] for run in config_runs]))
+                    row["steady_vs_loop"] = row["steady_images_per_s"] * float(np.median(loop_s)) / n
                 results.append(row)
         ray.shutdown()
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
     print(f"machine: {machine}; ray {ray.__version__}, local ray.init(num_cpus={args.cpus}) took {ray_start:.1f} s")
+    print(f"median of {args.rounds} rounds; 'rounds': each round against its own loop run")
     print(f"{'method':<6} {'images':>6}  {'config':<32} {'seconds':>8} {'images/s':>9} {'vs loop':>8} "
-          f"{'steady/s':>9} {'steady vs loop':>14}")
+          f"{'rounds':>12} {'steady/s':>9} {'steady vs loop':>14}")
     for r in results:
         steady = (f"{r['steady_images_per_s']:>9.2f} {r['steady_vs_loop']:>13.2f}x" if "steady_images_per_s" in r
                   else f"{'-':>9} {'-':>14}")
+        low, high = r["vs_loop_range"]
         print(f"{r['method']:<6} {r['images']:>6}  {r['config']:<32} {r['seconds']:>8.2f} {r['images_per_s']:>9.2f} "
-              f"{r['vs_loop']:>7.2f}x {steady}")
+              f"{r['vs_loop']:>7.2f}x {f'{low:.2f}-{high:.2f}x':>12} {steady}")
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w", encoding="utf-8") as fh:
         json.dump({"machine": machine, "ray": ray.__version__, "cpus": args.cpus, "ray_start_s": ray_start,
+                   "rounds": args.rounds,
                    "results": results}, fh, indent=1)
     print(f"wrote {args.json}")
     return 0
