@@ -135,8 +135,9 @@ def test_an_existing_dataset_of_arrays_is_explained_too(local_ray, tiny_model):
     explainer = Explainer(model, threads=1)
     for i, im in enumerate(images):
         np.testing.assert_array_equal(rows[f"mem://{i}"]["saliency"], explainer.explain(im, "fem").saliency)
-    with pytest.raises(InvalidInputError, match="needs 'bytes'"):
-        explain_dataset(model, ray.data.from_items([{"x": 1}]), "fem")
+    for columns in ({"x": 1}, {"image": images[0]}):  # no image column; no path
+        with pytest.raises(InvalidInputError, match="needs 'bytes'.*and 'path'"):
+            explain_dataset(model, ray.data.from_items([columns]), "fem")
 
 
 def test_bad_arguments_fail_on_the_driver_with_one_line(local_ray, tiny_model, tmp_path):

@@ -48,7 +48,8 @@ def read_images(images: ImagesInput, concurrency: Optional[int] = None):
 
     ``images``: a directory or URI prefix Ray can read, one file, a list of them (files whose
     extension is not an image's are skipped), or an existing Dataset with a ``bytes`` column
-    (encoded images) or an ``image`` column (uint8 H×W×3 arrays), and optionally ``path``.
+    (encoded images) or an ``image`` column (uint8 H×W×3 arrays), and a ``path`` column naming
+    each row (the results are keyed by it).
     Reads take no CPU slot (they are I/O), so that every CPU can hold an explaining actor;
     ``concurrency`` caps the read tasks running at once (each is a worker process: without a
     cap, Ray starts one per block, hundreds for a large directory).
@@ -56,9 +57,9 @@ def read_images(images: ImagesInput, concurrency: Optional[int] = None):
     ray = _ray()
     if isinstance(images, ray.data.Dataset):
         columns = images.columns(fetch_if_missing=True) or []
-        if "bytes" not in columns and "image" not in columns:
+        if ("bytes" not in columns and "image" not in columns) or "path" not in columns:
             raise InvalidInputError(f"the Dataset has columns {columns}: it needs 'bytes' (encoded images) or "
-                                    "'image' (uint8 H×W×3 arrays), and optionally 'path'")
+                                    "'image' (uint8 H×W×3 arrays), and 'path' (a name for each row)")
         return images
     if isinstance(images, (str, os.PathLike)):
         paths = [os.fspath(images)]
@@ -79,7 +80,7 @@ def _decode(batch: Mapping[str, np.ndarray], i: int) -> tuple[str, np.ndarray]:
     """(path, RGB) of row ``i`` of a batch; InvalidInputError for bytes that are not an image."""
     from ..imaging import as_rgb_uint8, decode_image
 
-    path = str(batch["path"][i]) if "path" in batch else f"row {i}"
+    path = str(batch["path"][i])
     if "bytes" in batch:
         return path, decode_image(bytes(batch["bytes"][i]), name=path)
     return path, as_rgb_uint8(np.asarray(batch["image"][i]), name=path)
@@ -113,7 +114,7 @@ class ExplainBatch(_Worker):
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict:
         rows = []
         for i in range(len(next(iter(batch.values())))):
-            path = str(batch["path"][i]) if "path" in batch else f"row {i}"
+            path = str(batch["path"][i])
             try:
                 path, rgb = _decode(batch, i)
             except Exception as exc:  # noqa: BLE001 (recorded in the error column, the job goes on)
@@ -156,7 +157,7 @@ class EvaluateBatch(_Worker):
 
         rows = []
         for i in range(len(next(iter(batch.values())))):
-            path = str(batch["path"][i]) if "path" in batch else f"row {i}"
+            path = str(batch["path"][i])
             try:
                 path, rgb = _decode(batch, i)
                 stem = os.path.splitext(os.path.basename(path))[0]
