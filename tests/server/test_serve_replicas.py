@@ -248,3 +248,17 @@ def test_connections_closed_by_max_age_lose_no_call(single_model_dir):
         srv.stop(grace=0)
     assert len(outcomes) > 30 and all(isinstance(o, RemoteExplanation) for o in outcomes), \
         [o for o in outcomes if not isinstance(o, RemoteExplanation)][:3]
+
+
+def test_a_dns_name_is_resolved_and_balanced_by_grpc(single_model_dir):
+    """dns:///localhost:PORT: gRPC resolves the name (127.0.0.1, maybe ::1 too, where nothing listens)."""
+    from serve_helpers import start_server
+
+    srv = start_server(single_model_dir, replica_name="only")
+    try:
+        with ExplainClient(f"dns:///localhost:{srv.port}", timeout=10) as client:
+            assert client.balanced
+            client.wait_until_serving(10)
+            assert {client.explain(IMAGE, "fem").replica for _ in range(3)} == {"only"}
+    finally:
+        srv.stop(grace=0)
