@@ -24,6 +24,7 @@ from explainrt.imaging import write_png  # noqa: E402
 from explainrt.metrics import evaluate as ev  # noqa: E402
 
 METHODS = ["fem", "sidu"]
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")  # Ray's own, on copy
 
 
 @pytest.fixture(scope="module")
