@@ -217,8 +217,9 @@ class RunRecord:
 
 
 def write_explanation(args, path: str, stem: str, method: str, targets, labels, probs, maps, image, visualization,
-                      forward_passes: int, seconds: float, top, run: RunRecord) -> None:
-    """Write and print one explanation (every class of it): files, a line or JSON object per class."""
+                      forward_passes: int, seconds: float, top, run: RunRecord, replica: str = "") -> None:
+    """Write and print one explanation (every class of it): files, a line or JSON object per class.
+    ``replica``: the server replica that answered (`client` over several), added to each line."""
     from .outputs import dumps, result_line, result_record, write_targets
     from .report import ReportItem
 
@@ -227,10 +228,11 @@ def write_explanation(args, path: str, stem: str, method: str, targets, labels, 
     for target, label, prob, saliency, files in zip(targets, labels, probs, maps, written):
         run.items.append(ReportItem(stem, method, target, label, float(prob), forward_passes, seconds, files))
         if args.json:
-            print(dumps(result_record(path, method, target, label, float(prob), forward_passes, seconds, files,
-                                      top)))
+            record = result_record(path, method, target, label, float(prob), forward_passes, seconds, files, top)
+            print(dumps({**record, "replica": replica} if replica else record))
         else:
-            print(result_line(stem, method, target, label, float(prob), forward_passes, seconds, files, saliency))
+            line = result_line(stem, method, target, label, float(prob), forward_passes, seconds, files, saliency)
+            print(f"{line} [{replica}]" if replica else line)
 
 
 def _explain_images(args, images: list[str], params: Optional[dict] = None) -> RunRecord:
@@ -342,6 +344,10 @@ def method_params(params: dict, method: str) -> dict:
 
 
 def cmd_explain(args) -> int:
+    if args.ray is not None:  # explainrt.distributed: the same explanations on Ray Data
+        from .distributed.cli import cmd_explain_ray
+
+        return cmd_explain_ray(args)
     run = _explain_images(args, args.images)
     write_run_index(args, run, f"explainrt explain: {os.path.basename(args.model)}",
                     [f"method {args.method}, backend {args.backend} on {args.device}, batch size {args.batch_size}"])
@@ -450,6 +456,7 @@ a first run:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .distributed.cli import add_ray_options
 
     parser = argparse.ArgumentParser(
         prog="explainrt", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -484,6 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files, or directories of them")
     p.add_argument("--model", required=True, help="exported .onnx model")
     _add_explain_options(p)
+    add_ray_options(p)
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("demo", help="explain scikit-image photographs with the built-in EfficientNet-Lite0")

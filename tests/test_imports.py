@@ -9,7 +9,8 @@ import sys
 import explainrt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HEAVY = ("torch", "cupy", "tensorrt", "grpc", "matplotlib", "skimage", "scipy", "pytorch_grad_cam")
+HEAVY = ("torch", "cupy", "tensorrt", "grpc", "matplotlib", "skimage", "scipy", "pytorch_grad_cam", "ray", "pyarrow",
+         "pandas")
 
 
 def test_core_imports_no_heavy_dependency():
@@ -49,3 +50,15 @@ def test_client_never_imports_the_server():
     env = {**os.environ, "PYTHONPATH": ROOT}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_ray_commands_name_the_extra_when_ray_is_missing(monkeypatch, tmp_path, capsys):
+    from explainrt.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    for argv in (["explain", "--ray", "--model", "m.onnx", "--method", "fem", "img.png"],
+                 ["eval", "--ray", "--model", "m.onnx", "--methods", "fem", "images/"]):
+        assert main([*argv, "-o", str(tmp_path / argv[0])]) == 2
+        err = capsys.readouterr().err
+        assert "needs the Python package 'ray'" in err and "pip install 'explainrt[ray]'" in err, err
+        assert len(err.strip().splitlines()) == 1

@@ -8,6 +8,7 @@ import sys
 import tempfile
 
 from ..cli import add_engine_options, params_by_method, positive_int
+from ..distributed.cli import add_ray_options
 from ..errors import InvalidInputError
 
 log = logging.getLogger(__name__)
@@ -39,11 +40,15 @@ def cmd_eval(args) -> int:
     from ..outputs import parse_methods, prepare_output_dir, write_result_files
     from . import evaluate as ev
 
+    if args.step < 1:
+        raise InvalidInputError(f"--step must be at least 1 pixel, got {args.step}")
+    if args.ray is not None:  # explainrt.distributed: the same scores on Ray Data
+        from ..distributed.cli import cmd_eval_ray
+
+        return cmd_eval_ray(args)
     methods = parse_methods(args.methods)
     prepare_output_dir(args.output)
     params = params_by_method(parse_params(args.param), methods)
-    if args.step < 1:
-        raise InvalidInputError(f"--step must be at least 1 pixel, got {args.step}")
     if args.reference_dir and not os.path.isdir(args.reference_dir):
         raise InvalidInputError(f"--reference-dir {args.reference_dir} is not a directory")
     images = ev.collect_images(args.images)
@@ -253,6 +258,7 @@ def register(subparsers) -> None:
     p.add_argument("--plain", action="store_true", help="bare overlay PNGs (no caption, no colour bar)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per engine call (default 64)")
     _engine_arguments(p)
+    add_ray_options(p)
     p.set_defaults(func=cmd_eval)
 
     p = subparsers.add_parser("bench", help="latency per method, backend and batch size; --compare with peers")

@@ -114,32 +114,44 @@ def evaluate(explainer, images: Sequence[str], methods: Sequence[str], params: O
     ``on_explained(image stem, method, explanation, seconds)`` sees each explanation (e.g. to write
     its overlay).
     """
-    params = params or {}
     records = []
     for path in images:
         stem = os.path.splitext(os.path.basename(path))[0]
-        rgb = read_image(path)  # decoded once for every stage
-        explained = {}
-        for method in methods:
-            t0 = time.perf_counter()
-            with _progress(on_pair, stem, method) as progress:
-                result = explainer.explain(rgb, method, progress=progress, **params.get(method, {}))
-            explained[method] = (result, time.perf_counter() - t0)
-            if on_explained is not None:
-                on_explained(stem, method, result, explained[method][1])
-        maps = {m: r.saliency for m, (r, _) in explained.items()}
-        with _progress(on_pair, stem, "insertion/deletion") as progress:
-            curves = insertion_deletion_curves(explainer, rgb, maps, step=step, modes=modes, progress=progress)
-        map_scores = explanation_map_scores(explainer, rgb, maps, percentile=percentile)
         reference = find_reference(reference_dir, path) if reference_dir else None
-        ref_map = load_reference_map(reference) if reference else None
-        for method, (result, seconds) in explained.items():
-            records.append(ImageEvaluation(
-                image=stem, method=method, target=result.target, label=result.label,
-                probability=float(result.probs[result.target]), forward_passes=result.forward_passes,
-                explain_seconds=seconds, curves=curves[method], explanation_map=map_scores[method],
-                similarity=compare_maps(result.saliency, ref_map) if ref_map is not None else None))
-        log.info("evaluated %s with %s", stem, ", ".join(methods))
+        records.extend(evaluate_image(explainer, read_image(path), stem, methods, params, step=step,
+                                      percentile=percentile, modes=modes,
+                                      reference_map=load_reference_map(reference) if reference else None,
+                                      on_pair=on_pair, on_explained=on_explained))
+    return records
+
+
+def evaluate_image(explainer, rgb: np.ndarray, stem: str, methods: Sequence[str], params: Optional[Mapping] = None,
+                   step: int = DEFAULT_STEP, percentile: float = DEFAULT_PERCENTILE, modes: Sequence[str] = MODES,
+                   reference_map: Optional[np.ndarray] = None,
+                   on_pair: Optional[Callable[[str, str], Callable]] = None,
+                   on_explained: Optional[Callable[[str, str, object, float], None]] = None) -> list[ImageEvaluation]:
+    """``evaluate`` for one decoded image (uint8 RGB) named ``stem``: one record per method."""
+    params = params or {}
+    explained = {}
+    for method in methods:
+        t0 = time.perf_counter()
+        with _progress(on_pair, stem, method) as progress:
+            result = explainer.explain(rgb, method, progress=progress, **params.get(method, {}))
+        explained[method] = (result, time.perf_counter() - t0)
+        if on_explained is not None:
+            on_explained(stem, method, result, explained[method][1])
+    maps = {m: r.saliency for m, (r, _) in explained.items()}
+    with _progress(on_pair, stem, "insertion/deletion") as progress:
+        curves = insertion_deletion_curves(explainer, rgb, maps, step=step, modes=modes, progress=progress)
+    map_scores = explanation_map_scores(explainer, rgb, maps, percentile=percentile)
+    records = []
+    for method, (result, seconds) in explained.items():
+        records.append(ImageEvaluation(
+            image=stem, method=method, target=result.target, label=result.label,
+            probability=float(result.probs[result.target]), forward_passes=result.forward_passes,
+            explain_seconds=seconds, curves=curves[method], explanation_map=map_scores[method],
+            similarity=compare_maps(result.saliency, reference_map) if reference_map is not None else None))
+    log.info("evaluated %s with %s", stem, ", ".join(methods))
     return records
 
 

@@ -114,6 +114,7 @@ class ExplainServer:
         if not port:
             raise ServeError(f"could not listen on {address}: is another server on that port, or is the host "
                              "not an address of this machine?")
+        self.servicer.options.replica = self.config.replica_name or f"{socket.gethostname()}:{port}"
         await self._set_health_async(serving=False)
         await server.start()
         self._server = server
@@ -143,8 +144,8 @@ class ExplainServer:
         if warning:
             log_event(log, "exposed", logging.WARNING, warning=warning)
         log_event(log, "listening", host=self.config.host, port=self.port, metrics_port=self.metrics_port,
-                  security=self._security.security_summary(self.config), workers=self.config.workers,
-                  queue_size=self.config.queue_size, batch_size=self.config.batch_size,
+                  replica=self.servicer.options.replica, security=self._security.security_summary(self.config),
+                  workers=self.config.workers, queue_size=self.config.queue_size, batch_size=self.config.batch_size,
                   max_queue_delay_ms=self.config.max_queue_delay_ms)
         if load:
             self.load_models()

@@ -5,8 +5,12 @@ import logging
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from ..errors import InvalidInputError, ModelError, require
+
+if TYPE_CHECKING:
+    from .config import ServerConfig
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +53,12 @@ def register(subparsers) -> None:
                    help=f"largest request in MiB (default {d.max_receive_mib}: a 4K PNG or raw RGB image fits)")
     p.add_argument("--grace", type=float, default=d.grace_s,
                    help=f"seconds in-flight requests get to finish on SIGTERM (default {d.grace_s:g})")
+    p.add_argument("--max-connection-age", type=positive_float, default=None, metavar="SECONDS",
+                   help="close each client connection after this long (its calls finish first), so that clients "
+                        "balancing over a DNS name re-resolve it and find new replicas (default: never)")
+    p.add_argument("--replica-name", default=None, metavar="NAME",
+                   help="this server's name in the explainrt-replica metadata of its answers, which tells a "
+                        "client balancing over several servers who answered (default HOSTNAME:PORT)")
     p.add_argument("--memory-budget-mib", type=positive_int, default=d.memory_budget_mib,
                    help=f"memory that all running requests may hold together; a request waits until its share fits, "
                         f"one that can never fit is refused (default {d.memory_budget_mib})")
@@ -73,7 +83,9 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("client", help="explain images on a running server (writes what `explain` writes)")
     p.add_argument("images", nargs="*", help="image files, or directories of them")
-    p.add_argument("--url", required=True, help="server address HOST:PORT")
+    p.add_argument("--url", required=True,
+                   help="server address HOST:PORT; several replicas: HOST:PORT,HOST:PORT,... or dns:///NAME:PORT "
+                        "(every address of NAME, e.g. a Kubernetes headless Service), balanced round robin")
     p.add_argument("--model", default=None, help="model name (default: the server's only model)")
     add_request_options(p)
     p.add_argument("--timeout", type=positive_float, default=None, help="seconds for the whole run (default: none)")
@@ -104,6 +116,22 @@ def _queue_delay(text: str):
     return None if text.strip().lower() == "off" else _bounded(float, 0, 1000, bounds="milliseconds in 0..1000 or 'off'")(text)
 
 
+def server_config(args) -> "ServerConfig":
+    """The ``ServerConfig`` of parsed `explainrt serve` arguments."""
+    from .config import ServerConfig
+
+    return ServerConfig(
+        models=args.models, host=args.host, port=args.port, metrics_port=args.metrics_port, workers=args.workers,
+        cheap_workers=args.cheap_workers, queue_size=args.queue_size, batch_size=args.batch_size,
+        backend=args.backend, device=args.device, threads=args.threads, ort_spinning=args.ort_spinning,
+        max_receive_mib=args.max_message_mib, max_send_mib=max(args.max_message_mib, 256), max_masks=args.max_masks,
+        max_targets=args.max_targets, max_pixels=int(args.max_megapixels * 1e6), grace_s=args.grace,
+        replica_name=args.replica_name, max_connection_age_s=args.max_connection_age,
+        memory_budget_mib=args.memory_budget_mib, max_calls=args.max_calls, max_queue_delay_ms=args.max_queue_delay_ms,
+        cheap_passes=args.cheap_passes, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca, auth_token_file=args.auth_token_file)
+
+
 def cmd_serve(args) -> int:
     require("grpc", "serve", "`explainrt serve`")
     import warnings
@@ -111,22 +139,11 @@ def cmd_serve(args) -> int:
     from ..api import ConstantMapWarning
     from . import logs
     from .app import ExplainServer
-    from .config import ServerConfig
     from .security import exposure_warning, security_summary
 
     logs.configure(args.log_format, logging.INFO)
     warnings.simplefilter("ignore", ConstantMapWarning)  # a client's own result shows its constant map
-    config = ServerConfig(models=args.models, host=args.host, port=args.port, metrics_port=args.metrics_port,
-                          workers=args.workers, cheap_workers=args.cheap_workers, queue_size=args.queue_size, batch_size=args.batch_size,
-                          backend=args.backend, device=args.device, threads=args.threads,
-                          ort_spinning=args.ort_spinning,
-                          max_receive_mib=args.max_message_mib, max_send_mib=max(args.max_message_mib, 256),
-                          max_masks=args.max_masks, max_targets=args.max_targets,
-                          max_pixels=int(args.max_megapixels * 1e6), grace_s=args.grace,
-                          memory_budget_mib=args.memory_budget_mib, max_calls=args.max_calls,
-                          max_queue_delay_ms=args.max_queue_delay_ms, cheap_passes=args.cheap_passes,
-                          tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
-                          auth_token_file=args.auth_token_file)
+    config = server_config(args)
     server = ExplainServer(config)
     if not server.models.candidates():  # fail before "listening on": nothing would ever be served
         raise ModelError(f"no exported model could be loaded from {args.models} (no *.onnx files); export one "
@@ -220,7 +237,8 @@ def cmd_client(args) -> int:
             seconds = sum(item.timings[k] for k in ("preprocess_s", "base_pass_s", "explain_s", "postprocess_s"))
             write_explanation(args, path, stem, method, item.targets, item.labels, item.probabilities,
                               item.saliency_maps.astype("float32"), original[1], item.visualization,
-                              item.forward_passes, seconds, [[c, round(p, 6)] for c, p in item.top_k(5)], run)
+                              item.forward_passes, seconds, [[c, round(p, 6)] for c, p in item.top_k(5)], run,
+                              replica=item.replica if args.json or client.balanced else "")
         log.info("event=client_done items=%d failures=%d seconds=%.3f", len(jobs), run.failures,
                  time.perf_counter() - t_start)
         write_run_index(args, run, f"explainrt client: {args.url}", [f"method {args.method}; times are the server's"])

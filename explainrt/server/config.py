@@ -34,9 +34,16 @@ class ServerConfig:
     max_targets: int = 16  # classes one request may explain
     max_pixels: int = 64_000_000  # largest decoded image
     grace_s: float = 30.0  # SIGTERM: time for in-flight requests to finish
+    # This server's name in the "explainrt-replica" metadata of its answers (None: hostname:port,
+    # i.e. the pod's name on Kubernetes), so that a client balancing over replicas can say which answered.
+    replica_name: Optional[str] = None
     progress_interval_s: float = 0.5
     keepalive_time_s: float = 30.0
     keepalive_timeout_s: float = 10.0
+    # Close each client connection after this many seconds (its calls still finish): clients that
+    # balance over a DNS name reconnect and re-resolve it, so replicas added by an autoscaler get
+    # traffic. None: connections live as long as the clients keep them.
+    max_connection_age_s: Optional[float] = None
     # Security: TLS (PEM files; a client CA makes it mutual TLS) and a bearer token checked on every
     # RPC but the health service.
     tls_cert: Optional[str] = None
@@ -60,8 +67,10 @@ class ServerConfig:
     bulk_nice: int = 10
 
     def grpc_options(self) -> list[tuple[str, int]]:
-        """Channel arguments: message limits and keepalive (pings from clients every >= 10 s are allowed)."""
-        return [
+        """Channel arguments: message limits, keepalive (client pings every >= 10 s allowed), connection age."""
+        age = [] if self.max_connection_age_s is None else [("grpc.max_connection_age_ms",
+                                                             max(1, int(self.max_connection_age_s * 1000)))]
+        return age + [
             ("grpc.max_receive_message_length", self.max_receive_mib * MIB),
             ("grpc.max_send_message_length", self.max_send_mib * MIB),
             ("grpc.keepalive_time_ms", int(self.keepalive_time_s * 1000)),

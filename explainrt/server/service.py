@@ -33,6 +33,7 @@ from .tasks import ExplainTask, RequestLimits, ResponseTooLarge, check_built_siz
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "explainrt.v1.ExplainService"
+REPLICA_KEY = "explainrt-replica"  # metadata naming the server that answered (its --replica-name)
 PRIORITY_RANGE = (-10, 10)
 PARSE_OFF_LOOP_BYTES = 1 << 20  # requests larger than this are validated on a thread, not on the event loop
 SLOT_POLL_S = 0.02  # a stream item waiting for a queue slot looks again this often
@@ -84,6 +85,7 @@ class ServiceOptions:
     progress_interval_s: float = 0.5  # min seconds between two progress messages of one stream item
     stream_window: int = 4  # items of one stream in flight (queued or running) at a time
     max_calls: int = 1024  # Explain + ExplainStream calls open at once
+    replica: str = ""  # this server's name, sent to clients in the REPLICA_KEY metadata ("" sends none)
     limits: RequestLimits = dataclasses.field(default_factory=RequestLimits)
 
 
@@ -156,6 +158,9 @@ class ExplainServicer:
             "GetModelMetadata": unary(self.GetModelMetadata, pb.ModelMetadataResponse),
         })
 
+    def _replica_metadata(self) -> tuple:
+        return ((REPLICA_KEY, self.options.replica),) if self.options.replica else ()
+
     @property
     def active_calls(self) -> int:
         """Explain/ExplainStream calls being handled now (the drain waits for them)."""
@@ -178,6 +183,9 @@ class ExplainServicer:
     async def Explain(self, data: bytes, context):
         item = _Item("Explain")
         self._enter()
+        # In the trailers, not the headers: a response's headers commit the call, and a call answered
+        # UNAVAILABLE without them is one gRPC's retry policy may still send to another replica.
+        context.set_trailing_metadata(self._replica_metadata())
         try:
             try:
                 self._check_capacity()
@@ -211,7 +219,9 @@ class ExplainServicer:
             except TooManyCalls as exc:
                 code, message = status_for(exc)
                 self.metrics.observe("ExplainStream", "", code.name, 0.0)
-                await context.abort(code, message)
+                await context.abort(code, message, self._replica_metadata())
+            if self.options.replica:  # a stream's items are all answered by this server: say so up front
+                await context.send_initial_metadata(self._replica_metadata())
             reader = asyncio.ensure_future(self._read_stream(request_iterator, items, window, jobs,
                                                              _deadline(context)))
             while True:
@@ -312,6 +322,7 @@ class ExplainServicer:
 
     async def ListModels(self, data: bytes, context):
         t0 = time.perf_counter()
+        context.set_trailing_metadata(self._replica_metadata())
         try:
             decode(pb.ListModelsRequest, data, "ListModelsRequest")
         except InvalidInputError as exc:
@@ -328,6 +339,7 @@ class ExplainServicer:
 
     async def GetModelMetadata(self, data: bytes, context):
         t0 = time.perf_counter()
+        context.set_trailing_metadata(self._replica_metadata())
         await self._abort_unless_ready("GetModelMetadata", context, t0)
         try:
             request = decode(pb.GetModelMetadataRequest, data, "GetModelMetadataRequest")
