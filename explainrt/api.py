@@ -87,6 +87,8 @@ class Explanation(FirstTargetView):
     image: Optional[np.ndarray] = None  # original RGB uint8 when the input was an image
     visualization: Optional[np.ndarray] = None  # Feature CAM's RGB visualisation (H, W, 3)
     base_saliency_maps: Optional[np.ndarray] = None  # Feature CAM's base map per target (T, H, W) in [0, 1]
+    masks: Optional[np.ndarray] = None  # FGVis's optimised masks per target (T, 1 or 3, H, W) in [0, 1]
+    explanations: Optional[np.ndarray] = None  # FGVis's explanation images per target (T, H, W, 3) RGB uint8
     extras: dict = dataclasses.field(default_factory=dict)
 
     def top_k(self, k: int = 5) -> list[tuple[int, float]]:
@@ -151,7 +153,7 @@ class Explainer:
         """Explain ``image`` with ``method`` for ``target`` (default: the top-1 class).
 
         ``params`` are the method's parameters (see ``Explainer.methods()``); ``progress`` is
-        called as ``progress(done, total)`` over masked passes; setting ``cancel`` stops the
+        called as ``progress(done, total)`` over masked passes (FGVis: iterations); setting ``cancel`` stops the
         work between two chunks.
         """
         if cancel is not None and not callable(getattr(cancel, "is_set", None)):
@@ -167,6 +169,8 @@ class Explainer:
                 f"method {method!r} needs the activations of a feature layer, but model "
                 f"{self.metadata.name or ''!s} was exported without one (a black-box model: scores only); use "
                 f"{usable} (or featurecam with base='rise'), or re-export with an activation")
+        if algo.needs_gradients:
+            check_gradients(self.engine, method)
         t0 = time.perf_counter()
         prep = self.prepare(image)
         t1 = time.perf_counter()
@@ -181,7 +185,8 @@ class Explainer:
         targets = self._targets(target, probs)
         rgb = denormalise(prep.x, self.metadata)
         ctx = Context(engine=self.engine, ops=self.ops, xp=xp, x=x, base=base, targets=targets,
-                      input_hw=tuple(self.metadata.input_size), rgb=rgb, batch_size=self.batch_size)
+                      input_hw=tuple(self.metadata.input_size), rgb=rgb, batch_size=self.batch_size,
+                      progress=progress, cancel=cancel)
         ctx.run_passes = lambda c, plan: run_masked_passes(c, plan, progress=progress, cancel=cancel)
         result = algo.explain(ctx)
         raw = result.pop("raw")
@@ -189,6 +194,10 @@ class Explainer:
         maps, raw = to_host(xp, maps), to_host(xp, raw)
         t3 = time.perf_counter()
         extras = {k: v for k, v in ctx.extras.items() if isinstance(v, (int, float, str))}
+        masks, explanations = result.get("masks"), result.get("explanations")
+        if explanations is not None:  # FGVis: e in normalised space → RGB, shown as the visualisation
+            explanations = np.stack([denormalise(e[None], self.metadata) for e in to_host(xp, explanations)])
+            result["visualization"] = explanations
         return Explanation(
             method=method, targets=targets, saliency_maps=maps.astype(np.float32), raw_maps=raw.astype(np.float32),
             probs=probs.astype(np.float32), forward_passes=ctx.forward_passes,
@@ -196,6 +205,7 @@ class Explainer:
             params={**algo.parameters(), **params}, labels=[self.metadata.label(t) for t in targets],
             image=prep.original, visualization=_first(result.get("visualization")),
             base_saliency_maps=result.get("base_saliency"), extras=extras,
+            masks=None if masks is None else to_host(xp, masks).astype(np.float32), explanations=explanations,
         )
 
     def close(self) -> None:
@@ -206,6 +216,14 @@ class Explainer:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def check_gradients(engine: Engine, method: str) -> None:
+    """A clear error when ``method`` needs gradients and ``engine`` cannot give them."""
+    if engine.backend != "torch":
+        raise InvalidInputError(
+            f"method {method!r} differentiates the model, which only the torch engine does; this model runs on "
+            f"{engine.backend!r}: open it with backend='torch' (CLI and server: --backend torch)")
 
 
 def _first(visual):

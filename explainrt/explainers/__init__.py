@@ -3,17 +3,18 @@ from __future__ import annotations
 
 from .base import Context, MaskPlan, Method, ScoreTable
 from .fem import FemExplainer
+from .fgvis import FgvisExplainer
 from .rise import RiseExplainer
 from .scorecam import ScoreCamExplainer
 from .sidu import SiduExplainer
 
 METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (SiduExplainer, ScoreCamExplainer, RiseExplainer, FemExplainer)
+    m.name: m for m in (SiduExplainer, ScoreCamExplainer, RiseExplainer, FemExplainer, FgvisExplainer)
 }
 
 from .featurecam import FeatureCamExplainer  # noqa: E402  (needs METHODS for its base map)
 
 METHODS[FeatureCamExplainer.name] = FeatureCamExplainer
 
-__all__ = ["METHODS", "Context", "MaskPlan", "Method", "ScoreTable", "FemExplainer", "FeatureCamExplainer",
+__all__ = ["METHODS", "Context", "MaskPlan", "Method", "ScoreTable", "FemExplainer", "FeatureCamExplainer", "FgvisExplainer",
            "RiseExplainer", "ScoreCamExplainer", "SiduExplainer"]
