@@ -169,7 +169,7 @@ class Explainer:
                 f"method {method!r} needs the activations of a feature layer, but model "
                 f"{self.metadata.name or ''!s} was exported without one (a black-box model: scores only); use "
                 f"{usable} (or featurecam with base='rise'), or re-export with an activation")
-        if algo.needs_gradients:
+        if algo.gradients_needed(self.metadata):
             check_gradients(self.engine, method)
         t0 = time.perf_counter()
         prep = self.prepare(image)

@@ -276,7 +276,8 @@ def cmd_demo(args) -> int:
 def add_request_options(p) -> None:
     """What to explain and where the files go: shared by `explain`, `demo` and `client`."""
     p.add_argument("--method", default="all",
-                   help="sidu|scorecam|rise|fem|featurecam|all, or a comma list (default: all)")
+                   help="sidu|scorecam|rise|fem|featurecam|gradcam|gradcam++|xgradcam|layercam|fgvis|all "
+                        "(all: the five forward-only methods), or a comma list (default: all)")
     p.add_argument("-o", "--output", default="out", help="output directory (default: out)")
     p.add_argument("--target", type=int, default=None, help="class to explain (default: the top-1 class)")
     p.add_argument("-p", "--param", action="append", metavar="NAME=VALUE",

@@ -99,6 +99,10 @@ class Method:
     #: True for methods that differentiate the model (they run on the torch engine only)
     needs_gradients: ClassVar[bool] = False
 
+    def gradients_needed(self, meta) -> bool:
+        """Whether this call differentiates the model (``meta``: the model's metadata)."""
+        return self.needs_gradients
+
     def plan(self, ctx: Context) -> Optional[MaskPlan]:
         """Masks to run through the engine, or None when the method needs no masked passes."""
         return None

@@ -77,6 +77,7 @@ class ModelMetadata:
     token_grid: Optional[tuple[int, int]] = None
     name: Optional[str] = None
     source: Optional[str] = None
+    cam_head: Optional[dict] = None  # GAP + one linear layer after the activation (export/cam_head.py)
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
@@ -114,6 +115,9 @@ class ModelMetadata:
         if self.token_grid is not None:
             self.token_grid = positive_ints("token_grid", self.token_grid, 2)
         (self.num_classes,) = positive_ints("num_classes", (self.num_classes,), 1)
+        from .cam_head import check as check_cam_head
+
+        self.cam_head = check_cam_head(self.cam_head)
         if self.layout != "NCHW" or self.channels != 3:
             raise ModelError(f"explainrt explains RGB NCHW models; the metadata says layout={self.layout!r}, "
                              f"channels={self.channels!r}")

@@ -186,7 +186,8 @@ class GradientGraph:
     def activation_gradients(self, x, targets: Sequence[int], score: str = "logit"):
         """(A, dS/dA): the explained activation (1, C, h, w) for ``x`` and the gradient of each
         target's score at it, (T, C, h, w), from one forward and one backward pass (batched over
-        the targets after the explained layer). ``score``: 'logit' (pre-softmax, as Grad-CAM) or 'prob'."""
+        the targets: the input repeated once per target, since shape arithmetic of exported graphs
+        may read the batch size from the input). ``score``: 'logit' (pre-softmax, as Grad-CAM) or 'prob'."""
         torch, meta = self.torch, self.meta
         if meta.activation_output is None:
             raise InvalidInputError("gradient CAMs need the activations of a feature layer; this model has none")
@@ -202,13 +203,13 @@ class GradientGraph:
 
         def detach_at_activation(node, results):
             if node.outputs[0] == meta.activation_output:
-                a = results[0].detach()
-                leaf["a"] = a.expand(t, *a.shape[1:]).clone().requires_grad_(True)
+                leaf["a"] = results[0].detach().requires_grad_(True)
                 return [leaf["a"], *results[1:]]
             return results
 
         with torch.enable_grad():
-            out = run_graph(self.graph, {meta.input_name: x}, [field], after=detach_at_activation)[field]
+            xs = x.expand(t, *x.shape[1:])
+            out = run_graph(self.graph, {meta.input_name: xs}, [field], after=detach_at_activation)[field]
             if "a" not in leaf:
                 raise InvalidInputError(f"the activation output {meta.activation_output!r} is not computed on the way "
                                         f"to {field!r}")

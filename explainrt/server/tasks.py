@@ -167,6 +167,8 @@ def _passes(method: Method, meta: ModelMetadata) -> int:
     name = method.name
     if name == "fgvis":
         return 3 * method.iterations + 1  # per target: a forward and a backward (~2 passes) per iteration
+    if method.needs_gradients:  # gradient CAMs: one backward (or nothing beyond the base pass: a CAM head)
+        return 2 if method.gradients_needed(meta) else 0
     channels = meta.activation_shape[0]
     if name == "fem":
         return 0
@@ -291,7 +293,7 @@ def parse_request(request: pb.ExplainRequest, models: ModelRepository,
         if isinstance(exc, InvalidInputError):
             raise
         raise InvalidInputError(f"invalid parameters for method '{method}': {exc}; see GetModelMetadata") from None
-    if method_obj.needs_gradients:
+    if method_obj.gradients_needed(meta):
         check_gradients(model.explainer.engine, method)
     for part in (method_obj, getattr(method_obj, "base", None)):  # RISE, also as Feature CAM's base
         if hasattr(part, "check_input"):
