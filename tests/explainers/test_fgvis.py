@@ -258,3 +258,38 @@ def test_server_runs_fgvis_on_the_torch_engine_and_refuses_it_on_ort(square_mode
         finally:
             server.stop(grace=0)
             torch.set_num_threads(threads)
+
+
+class _Mixed(torch.nn.Module):
+    """SiLU (exported as x·Sigmoid(x)), HardSwish, ReLU6 (Clip) and a squeeze-excitation gate."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.c2, self.c3 = (torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1),
+                                     torch.nn.Conv2d(8, 8, 3, padding=1))
+        self.se1, self.se2 = torch.nn.Conv2d(8, 4, 1), torch.nn.Conv2d(4, 8, 1)
+        self.fc = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = torch.nn.functional.silu(self.c1(x))
+        x = torch.nn.functional.hardswish(self.c2(x))
+        x = torch.nn.functional.relu6(self.c3(x))
+        gate = torch.sigmoid(self.se2(torch.relu(self.se1(x.mean(dim=(2, 3), keepdim=True)))))
+        return self.fc((x * gate).mean(dim=(2, 3)))
+
+
+def test_nonlinearities_found_in_the_onnx_graph(tmp_path):
+    from explainrt.runtime.autograd import nonlinearity_outputs
+    from explainrt.runtime.torch_engine import TorchEngine
+
+    path = str(tmp_path / "mixed.onnx")
+    export_torch(_Mixed().eval(), path, input_size=(16, 16), mean=MEAN, std=STD)
+    graph = TorchEngine(path, device="cpu").graph
+    producer = {o: n for n in graph.nodes for o in n.outputs}
+    found = sorted(producer[name].op_type for name in nonlinearity_outputs(graph))
+    # SiLU's Mul (not its Sigmoid gate), HardSwish, Clip, the SE block's Relu and Sigmoid gate;
+    # not the final Softmax, nor the Mul applying the SE gate to the features
+    assert found == ["Clip", "HardSwish", "Mul", "Relu", "Sigmoid"], found
+    silu = next(producer[n] for n in nonlinearity_outputs(graph) if producer[n].op_type == "Mul")
+    assert producer[silu.inputs[1]].op_type == "Sigmoid" or producer[silu.inputs[0]].op_type == "Sigmoid"
