@@ -144,12 +144,23 @@ class GradientGraph:
         return t.cpu().numpy()
 
     def stream(self):
-        """A context that runs torch work on the engine's stream (a no-op on the CPU)."""
+        """A context that runs torch work on the engine's stream (a no-op on the CPU).
+
+        Gradient work is long, so the handshake is a host wait on both sides: the caller's
+        stream is finished before (its input is read), the engine's after (results are read)."""
         import contextlib
 
-        if self.device.type == "cuda":
-            return self.torch.cuda.stream(self.engine._torch_stream)
-        return contextlib.nullcontext()
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+
+        @contextlib.contextmanager
+        def on_engine_stream():
+            self.engine._cp.cuda.get_current_stream().synchronize()
+            with self.torch.cuda.stream(self.engine._torch_stream):
+                yield
+            self.engine._torch_stream.synchronize()
+
+        return on_engine_stream()
 
     # ------------------------------------------------------------ FGVis
     def bounds(self, x) -> dict:
