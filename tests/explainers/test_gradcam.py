@@ -198,3 +198,49 @@ def test_metadata_round_trip_and_bad_cam_head(models):
 
     with pytest.raises(ModelError, match="cam_head"):
         ModelMetadata.from_json(bad)
+
+
+def test_cam_weights_found_through_a_tensorrt_plan_record(models, tmp_path):
+    """A TensorRT engine runs a plan; the CAM weights come from the ONNX file its record names."""
+    import json
+
+    from explainrt.export.cam_head import class_weights, onnx_source
+    from explainrt.runtime.tensorrt_build import plan_info_path
+
+    module, path = models["tiny"]
+    plan = str(tmp_path / "tiny.b8.fp32.plan")
+    with open(plan_info_path(plan), "w") as fh:
+        json.dump({"build": {"source": path, "max_batch": 8}}, fh)
+
+    class PlanEngine:  # what the forward-only path reads of a TensorRT engine
+        pass
+
+    engine = PlanEngine()
+    engine.path = plan
+    assert onnx_source(engine) == path
+    head = Explainer(path).metadata.cam_head
+    np.testing.assert_array_equal(class_weights(engine, head), module[-1].weight.detach().numpy())
+
+
+def test_server_gradcam_forward_only_on_onnx_runtime(models, tmp_path):
+    pytest.importorskip("grpc")
+    import os
+
+    from explainrt.client import ExplainClient, RemoteError
+    from explainrt.server import ExplainServer, ServerConfig
+
+    root = tmp_path / "models"
+    root.mkdir()
+    for name in ("residual", "deep"):
+        os.link(models[name][1], root / f"{name}.onnx")
+    server = ExplainServer(ServerConfig(models=str(root), host="127.0.0.1", port=0, workers=1, threads=1)).start()
+    try:
+        with ExplainClient(f"127.0.0.1:{server.port}", timeout=60) as client:
+            img = random_rgb(32, 32, seed=8)
+            got = client.explain(img, "gradcam++", target=[1, 2], model="residual")
+            want = Explainer(models["residual"][1]).explain(img, "gradcam++", target=[1, 2])
+            np.testing.assert_allclose(got.saliency_maps, want.saliency_maps, atol=1e-5)
+            with pytest.raises(RemoteError, match="backend='torch'"):  # no CAM head: gradients needed
+                client.explain(img, "gradcam", model="deep")
+    finally:
+        server.stop(grace=0)
