@@ -153,8 +153,8 @@ class Explainer:
         """Explain ``image`` with ``method`` for ``target`` (default: the top-1 class).
 
         ``params`` are the method's parameters (see ``Explainer.methods()``); ``progress`` is
-        called as ``progress(done, total)`` over masked passes (FGVis: iterations); setting ``cancel`` stops the
-        work between two chunks.
+        called as ``progress(done, total)`` over masked passes (FGVis: over iterations); setting
+        ``cancel`` stops the work between two chunks (FGVis: two iterations).
         """
         if cancel is not None and not callable(getattr(cancel, "is_set", None)):
             raise InvalidInputError(f"cancel must be a threading.Event (or None), got {type(cancel).__name__}")

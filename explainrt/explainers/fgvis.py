@@ -70,10 +70,11 @@ class FgvisExplainer(Method):
         torch, meta = grad.torch, ctx.engine.metadata
         t = len(ctx.targets)
         with grad.stream():
-            x = grad.to_torch(ctx.x)
-            bounds = grad.bounds(x) if self.defence else None
+            x = grad.to_torch(ctx.x).float()  # the mask and Adam in float32, also on an fp16 engine
+            dtype = grad.graph.dtype
+            bounds = grad.bounds(x.to(dtype)) if self.defence else None
             start = 1.0 if self.game in ("deletion", "preservation") else 0.0
-            mask = torch.full((t, self.channels, *x.shape[2:]), start, device=x.device, dtype=x.dtype,
+            mask = torch.full((t, self.channels, *x.shape[2:]), start, device=x.device, dtype=torch.float32,
                               requires_grad=True)
             opt = (torch.optim.Adam if self.optimizer == "adam" else torch.optim.SGD)([mask], lr=self.lr)
             targets = torch.as_tensor(ctx.targets, device=x.device)
@@ -86,7 +87,7 @@ class FgvisExplainer(Method):
             for step in range(self.iterations):
                 if ctx.cancel is not None and ctx.cancel.is_set():
                     raise Cancelled(f"cancelled after {step} of {self.iterations} FGVis iterations")
-                out = grad.forward(x * mask, [field], bounds)[field]
+                out = grad.forward((x * mask).to(dtype), [field], bounds)[field].float()
                 if self.metric == "prob":
                     phi = -out[rows, targets]
                 elif use_logits:
@@ -108,7 +109,7 @@ class FgvisExplainer(Method):
             saliency = shown.mean(dim=1)
             explanation = x * shown.expand(t, 3, *x.shape[2:])
             with torch.no_grad():
-                final = grad.forward(x * m, [meta.probs_output])[meta.probs_output]
+                final = grad.forward((x * m).to(dtype), [meta.probs_output])[meta.probs_output].float()
             ctx.forward_passes += t
         ctx.extras["iterations"] = self.iterations
         ctx.extras["explanation_score"] = float(final[0, ctx.targets[0]])
