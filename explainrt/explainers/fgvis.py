@@ -28,11 +28,13 @@ no sparsity loss): ``lam`` sets it.
 from __future__ import annotations
 
 from .base import Context, Method, check_bool, check_choice, check_range
+from .registry import register
 from .driver import Cancelled
 
 GAMES = ("deletion", "preservation", "generation", "repression")
 
 
+@register
 class FgvisExplainer(Method):
     """FGVis' mask optimisation; the saliency is the mean mask over colours (complement for the
     deletion/repression games). Needs the torch engine (gradients of the exported graph).

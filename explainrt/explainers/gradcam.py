@@ -17,10 +17,12 @@ from __future__ import annotations
 from typing import ClassVar
 
 from .base import Context, Method, check_choice
+from .registry import register
 
 EPS = {"gradcam++": 1e-6, "xgradcam": 1e-7}
 
 
+@register
 class GradCamExplainer(Method):
     """Grad-CAM. ``score``: 'logit' (the class's pre-softmax score, as Grad-CAM) or 'prob'."""
 
@@ -65,6 +67,7 @@ class GradCamExplainer(Method):
         return {"raw": ctx.ops.weighted_mask_sum(xp.eye(t, dtype=xp.float32), low, ctx.input_hw, border="clamp")}
 
 
+@register
 class GradCamPlusPlusExplainer(GradCamExplainer):
     """Grad-CAM++ (pytorch-grad-cam's closed form of the second-order weights)."""
 
@@ -79,6 +82,7 @@ class GradCamPlusPlusExplainer(GradCamExplainer):
         return xp.maximum(xp.einsum("tc,chw->thw", weights, a), 0.0)
 
 
+@register
 class XGradCamExplainer(GradCamExplainer):
     """XGrad-CAM: gradients weighted by the normalised activation."""
 
@@ -89,6 +93,7 @@ class XGradCamExplainer(GradCamExplainer):
         return xp.maximum(xp.einsum("tc,chw->thw", weights, a), 0.0)
 
 
+@register
 class LayerCamExplainer(GradCamExplainer):
     """LayerCAM: positive gradients as per-position weights."""
 

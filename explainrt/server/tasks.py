@@ -165,6 +165,8 @@ def response_size(meta: ModelMetadata, n_targets: int, dtype: int, map_hw: tuple
 def _passes(method: Method, meta: ModelMetadata) -> int:
     """Masked forward passes of ``method`` (the base pass not included), an upper bound."""
     name = method.name
+    if name == "featurecam":
+        return _passes(method.base, meta)  # built-in edges run no engine passes
     if name == "fgvis":
         return 3 * method.iterations + 1  # per target: a forward and a backward (~2 passes) per iteration
     if method.needs_gradients:  # gradient CAMs: one backward (or nothing beyond the base pass: a CAM head)
@@ -178,8 +180,6 @@ def _passes(method: Method, meta: ModelMetadata) -> int:
         return channels + (1 if method.baseline else 0)  # constant channels skipped; the zero input
     if name == "rise":
         return method.n_masks
-    if name == "featurecam":
-        return _passes(method.base, meta)  # built-in edges run no engine passes
     raise InvalidInputError(f"no cost model for method {name!r}")
 
 

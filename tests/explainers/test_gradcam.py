@@ -244,3 +244,15 @@ def test_server_gradcam_forward_only_on_onnx_runtime(models, tmp_path):
                 client.explain(img, "gradcam", model="deep")
     finally:
         server.stop(grace=0)
+
+
+def test_featurecam_over_gradcam_the_papers_base(models):
+    """Feature CAM's paper blends edges into Grad-CAM/Grad-CAM++: forward-only with a CAM head."""
+    path = models["residual"][1]
+    img = random_rgb(32, 32, seed=9)
+    ex = Explainer(path)
+    fc = ex.explain(img, "featurecam", base="gradcam++", target=2)
+    plain = ex.explain(img, "gradcam++", target=2)
+    np.testing.assert_allclose(fc.base_saliency_maps[0], plain.saliency, atol=1e-6)
+    with pytest.raises(InvalidInputError, match="backend='torch'"):
+        Explainer(models["deep"][1]).explain(img, "featurecam", base="gradcam")
