@@ -2,7 +2,7 @@
 
 Three comparisons, each measured side by side in one process (runs interleaved, medians):
 
-1. backward: the gradient of one class's logit at the input through the torch engine's ONNX
+1. backward: the gradient of one class's logit at the input (weights frozen on both sides) through the torch engine's ONNX
    interpreter (``runtime.autograd``) vs the same through the nn.Module (forward + backward,
    batch 1 and 8); the ratio is the issue's bound (≤ 1.5× slower);
 2. FGVis: iterations/s of ``Explainer.explain(method="fgvis")`` (deletion game, defence on and
@@ -10,8 +10,10 @@ Three comparisons, each measured side by side in one process (runs interleaved, 
    the public unofficial FGVis is not on PyPI);
 3. Grad-CAM: explainrt forward-only (the CAM head, ONNX Runtime), explainrt through the torch
    engine's autograd, and a plain autograd Grad-CAM on the nn.Module (hook on the explained
-   layer, one backward per target); Pearson r of the maps. pytorch-grad-cam is not in the main
-   venv; its GradCAM computes exactly the plain one.
+   layer, one backward per target, weights requiring grad as in pytorch-grad-cam); Pearson r
+   of the maps. pytorch-grad-cam is not in the main venv; its GradCAM computes the plain one.
+
+On a shared machine the ratios move with the load: run it alone (several times).
 
 Writes benchmarks/out/gradients.json.
     PYTHONPATH=$PWD /work/main/.venv/bin/python benchmarks/gradients.py --threads 2
@@ -111,6 +113,7 @@ def main() -> int:
     rgb = sample_image(args.image)
     machine = describe_machine()
     model, layer = zoo_torch_model("efficientnet-lite0")
+    model.requires_grad_(False)  # input gradients only, as the engine's graph (its weights are constants)
     rows, record = [], {"machine": machine, "model": "efficientnet-lite0", "image": args.image,
                         "threads": args.threads, "repeat": args.repeat}
     with tempfile.TemporaryDirectory() as tmp:
@@ -150,14 +153,15 @@ def main() -> int:
             "defence": lambda: gexp.explain(rgb, "fgvis", target=target, iterations=n),
             "no_defence": lambda: gexp.explain(rgb, "fgvis", target=target, iterations=n, defence=False),
             "module": lambda: module_fgvis(torch, model, x1, target, n),
-        }, max(2, args.repeat // 2))
+        }, args.repeat)
         record["fgvis"] = {k: {"seconds": v, "iterations_per_s": n / v} for k, v in t.items()}
         record["fgvis"]["iterations"] = n
         for key, label in (("defence", "explainrt fgvis (defence)"), ("no_defence", "explainrt fgvis (no defence)")):
             rows.append([f"FGVis {n} it, {label}", f"{n / t[key]:.2f} it/s", f"{n / t['module']:.2f} it/s",
                          f"{t[key] / t['module']:.2f}x", "vs plain autograd loop on nn.Module"])
 
-        # 3. Grad-CAM
+        # 3. Grad-CAM (the module's weights require grad again, as pytorch-grad-cam runs it)
+        model.requires_grad_(True)
         targets = [target, 285, 287]
         no_head = copy.deepcopy(ort.metadata)
         no_head.cam_head = None
