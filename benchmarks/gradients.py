@@ -2,9 +2,9 @@
 
 Three comparisons, each measured side by side in one process (runs interleaved, medians):
 
-1. backward: the gradient of one class's logit at the input (weights frozen on both sides) through the torch engine's ONNX
-   interpreter (``runtime.autograd``) vs the same through the nn.Module (forward + backward,
-   batch 1 and 8); the ratio is the issue's bound (≤ 1.5× slower);
+1. backward: the gradient of one class's logit at the input (weights frozen on both sides)
+   through the torch engine's ONNX interpreter (``runtime.autograd``) vs the same through the
+   nn.Module (forward + backward, batch 1 and 8); the ratio is the issue's bound (≤ 1.5×);
 2. FGVis: iterations/s of ``Explainer.explain(method="fgvis")`` (deletion game, defence on and
    off) vs a plain torch autograd loop over the nn.Module (same mask, loss and Adam, no defence;
    the public unofficial FGVis is not on PyPI);
