@@ -162,7 +162,7 @@ def main() -> int:
 
         # 3. Grad-CAM (the module's weights require grad again, as pytorch-grad-cam runs it)
         model.requires_grad_(True)
-        targets = [target, 285, 287]
+        targets = [target] + [c for c in (281, 285, 287) if c != target][:2]
         no_head = copy.deepcopy(ort.metadata)
         no_head.cam_head = None
         slow = Explainer(TorchEngine(path, device="cpu", metadata=no_head))
