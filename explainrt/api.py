@@ -92,6 +92,8 @@ class Explanation(FirstTargetView):
     image: Optional[np.ndarray] = None  # original RGB uint8 when the input was an image
     visualization: Optional[np.ndarray] = None  # Feature CAM's RGB visualisation (H, W, 3)
     base_saliency_maps: Optional[np.ndarray] = None  # Feature CAM's base map per target (T, H, W) in [0, 1]
+    masks: Optional[np.ndarray] = None  # FGVis's optimised masks per target (T, 1 or 3, H, W) in [0, 1]
+    explanations: Optional[np.ndarray] = None  # FGVis's explanation images per target (T, H, W, 3) RGB uint8
     extras: dict = dataclasses.field(default_factory=dict)
 
     def top_k(self, k: int = 5) -> list[tuple[int, float]]:
@@ -176,8 +178,8 @@ class Explainer:
         """Explain ``image`` with ``method`` for ``target`` (default: the top-1 class).
 
         ``params`` are the method's parameters (see ``Explainer.methods()``); ``progress`` is
-        called as ``progress(done, total)`` over masked passes; setting ``cancel`` stops the
-        work between two chunks.
+        called as ``progress(done, total)`` over masked passes (FGVis: over iterations); setting
+        ``cancel`` stops the work between two chunks (FGVis: two iterations).
         """
         if cancel is not None and not callable(getattr(cancel, "is_set", None)):
             raise InvalidInputError(f"cancel must be a threading.Event (or None), got {type(cancel).__name__}")
@@ -187,6 +189,8 @@ class Explainer:
             raise InvalidInputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)} (one name)")
         algo = METHODS[method].create(**params)
         check_applicable(method, algo, self.metadata)
+        if algo.gradients_needed(self.metadata):
+            check_gradients(self.engine, method)
         t0 = time.perf_counter()
         prep = self.prepare(image)
         t1 = time.perf_counter()
@@ -201,7 +205,8 @@ class Explainer:
         targets = self._targets(target, probs)
         rgb = denormalise(prep.x, self.metadata)
         ctx = Context(engine=self.engine, ops=self.ops, xp=xp, x=x, base=base, targets=targets,
-                      input_hw=tuple(self.metadata.input_size), rgb=rgb, batch_size=self.batch_size)
+                      input_hw=tuple(self.metadata.input_size), rgb=rgb, batch_size=self.batch_size,
+                      progress=progress, cancel=cancel)
         ctx.run_passes = lambda c, plan: run_masked_passes(c, plan, progress=progress, cancel=cancel)
         result = algo.explain(ctx)
         raw = result.pop("raw")
@@ -215,6 +220,10 @@ class Explainer:
                               "no activation above SIDU's threshold or no positive weight); try another method or "
                               "its parameters (Explanation.constant_targets lists such classes)",
                               ConstantMapWarning, stacklevel=2)
+        masks, explanations = result.get("masks"), result.get("explanations")
+        if explanations is not None:  # FGVis: e in normalised space → RGB, shown as the visualisation
+            explanations = np.stack([denormalise(e[None], self.metadata) for e in to_host(xp, explanations)])
+            result["visualization"] = explanations
         return Explanation(
             method=method, targets=targets, saliency_maps=maps.astype(np.float32), raw_maps=raw.astype(np.float32),
             probs=probs.astype(np.float32), forward_passes=ctx.forward_passes,
@@ -222,6 +231,7 @@ class Explainer:
             params={**algo.parameters(), **params}, labels=[self.metadata.label(t) for t in targets],
             image=prep.original, visualization=_first(result.get("visualization")),
             base_saliency_maps=result.get("base_saliency"), extras=extras,
+            masks=None if masks is None else to_host(xp, masks).astype(np.float32), explanations=explanations,
         )
 
     def close(self) -> None:
@@ -232,6 +242,14 @@ class Explainer:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def check_gradients(engine: Engine, method: str) -> None:
+    """A clear error when ``method`` needs gradients and ``engine`` cannot give them."""
+    if engine.backend != "torch":
+        raise InvalidInputError(
+            f"method {method!r} differentiates the model, which only the torch engine does; this model runs on "
+            f"{engine.backend!r}: open it with backend='torch' (CLI and server: --backend torch)")
 
 
 def _first(visual):

@@ -415,7 +415,8 @@ def add_request_options(p, default_method: str = DEFAULT_METHOD) -> None:
     """What to explain and where the files go: shared by `explain`, `demo` and `client`."""
     quick = " (SIDU: a few hundred forward passes; RISE alone takes 4000)" if default_method == "sidu" else ""
     p.add_argument("--method", default=default_method,
-                   help=f"sidu|scorecam|rise|fem|featurecam|all, or a comma list (default: {default_method}{quick})")
+                   help="sidu|scorecam|rise|fem|featurecam|gradcam|gradcam++|xgradcam|layercam|fgvis|all "
+                        f"(all: the five forward-only methods), or a comma list (default: {default_method}{quick})")
     p.add_argument("-o", "--output", default="out", help="output directory (default: out)")
     p.add_argument("--target", action="append", metavar="CLASS",
                    help="class to explain: an index, a label name (e.g. 'Egyptian cat') or a comma list; "

@@ -62,8 +62,8 @@ def test_grey_and_rgba_are_accepted(explainer, rgb_image):
 
 
 def test_unknown_method(explainer, rgb_image):
-    with pytest.raises(InvalidInputError, match="unknown method 'gradcam'.*sidu"):
-        explainer.explain(rgb_image, "gradcam")
+    with pytest.raises(InvalidInputError, match="unknown method 'lime'.*sidu"):
+        explainer.explain(rgb_image, "lime")
 
 
 def test_unknown_parameter(explainer, rgb_image):

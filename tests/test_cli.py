@@ -49,7 +49,7 @@ def test_explain_human_output(tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--method", "gradcam"], "unknown method 'gradcam'"),
+    (["--method", "lime"], "unknown method 'lime'"),
     (["--target", "99"], "out of range"),
     (["-p", "n_masks=0", "--method", "rise"], "n_masks must be >= 1"),
     (["-p", "bogus=1"], "unknown parameter"),
@@ -182,7 +182,7 @@ def test_scoped_parameters_reach_one_method(tiny_model, tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--method", "fem,bogus"], "unknown method 'bogus'"),
-    (["-p", "gradcam.k=1"], "unknown method 'gradcam'"),
+    (["-p", "lime.k=1"], "unknown method 'lime'"),
     (["-p", "fem.n_masks=3"], "unknown parameter 'fem.n_masks'"),
     (["--method", "all", "-p", "k=2"], "featurecam: parameter k must be <= 1"),  # only the last method refuses it
 ])

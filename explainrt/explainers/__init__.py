@@ -1,19 +1,19 @@
-"""Explanation methods (method math only) and the shared driver that runs them."""
+"""Explanation methods (method math only) and the shared driver that runs them.
+
+Each method's file registers its class (``registry.register``); importing them here, in this
+order, fills ``METHODS`` (the order of listings and error messages).
+"""
 from __future__ import annotations
 
 from .base import Context, MaskPlan, Method, ScoreTable
-from .fem import FemExplainer
-from .rise import RiseExplainer
-from .scorecam import ScoreCamExplainer
 from .sidu import SiduExplainer
-
-METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (SiduExplainer, ScoreCamExplainer, RiseExplainer, FemExplainer)
-}
-
-from .featurecam import FeatureCamExplainer  # noqa: E402  (needs METHODS for its base map)
-
-METHODS[FeatureCamExplainer.name] = FeatureCamExplainer
+from .scorecam import ScoreCamExplainer
+from .rise import RiseExplainer
+from .fem import FemExplainer
+from .fgvis import FgvisExplainer
+from .gradcam import GradCamExplainer, GradCamPlusPlusExplainer, LayerCamExplainer, XGradCamExplainer
+from .featurecam import FeatureCamExplainer
+from .registry import METHODS
 
 
 def check_applicable(method: str, algo: Method, metadata) -> None:
@@ -29,5 +29,8 @@ def check_applicable(method: str, algo: Method, metadata) -> None:
             f"(a black-box model: scores only); use {usable} (or featurecam with base='rise'), or re-export "
             "with an activation")
 
-__all__ = ["METHODS", "check_applicable", "Context", "MaskPlan", "Method", "ScoreTable", "FemExplainer", "FeatureCamExplainer",
-           "RiseExplainer", "ScoreCamExplainer", "SiduExplainer"]
+
+
+__all__ = ["METHODS", "check_applicable", "Context", "MaskPlan", "Method", "ScoreTable", "FemExplainer",
+           "FeatureCamExplainer", "FgvisExplainer", "GradCamExplainer", "GradCamPlusPlusExplainer", "LayerCamExplainer",
+           "RiseExplainer", "ScoreCamExplainer", "SiduExplainer", "XGradCamExplainer"]

@@ -72,6 +72,8 @@ class Context:
     batch_size: int
     forward_passes: int = 1  # the base pass
     run_passes: Optional[Callable] = None  # driver entry, set by the Explainer
+    progress: Optional[Callable] = None  # progress(done, total) of methods that iterate (FGVis)
+    cancel: Any = None  # threading.Event: methods that iterate stop between iterations when set
     extras: dict = dataclasses.field(default_factory=dict)
 
     def score_rows(self, table: ScoreTable, score: str = "prob"):
@@ -94,6 +96,12 @@ class Method:
     normalised: ClassVar[bool] = False
     #: False for methods that need only class scores (they run on black-box models too)
     needs_activation: ClassVar[bool] = True
+    #: True for methods that differentiate the model (they run on the torch engine only)
+    needs_gradients: ClassVar[bool] = False
+
+    def gradients_needed(self, meta) -> bool:
+        """Whether this call differentiates the model (``meta``: the model's metadata)."""
+        return self.needs_gradients
 
     def plan(self, ctx: Context) -> Optional[MaskPlan]:
         """Masks to run through the engine, or None when the method needs no masked passes."""

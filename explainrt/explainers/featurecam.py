@@ -21,6 +21,7 @@ from ..errors import InvalidInputError
 from ..imaging import colormap
 from ..kernels import to_host
 from .base import Context, Method, check_choice, check_range, minmax
+from .registry import METHODS, register
 
 FEATURE_INPUTS = ("edges", "blend21", "blend11")
 COMBINATIONS = ("add", "complement")
@@ -113,6 +114,7 @@ def combine(f_in: np.ndarray, m: np.ndarray, combination: str, k: float) -> np.n
     return (1.0 - f_in) * m
 
 
+@register
 class FeatureCamExplainer(Method):
     """Feature CAM over a forward-only base map; returns the blended map and an RGB visualisation."""
 
@@ -121,19 +123,21 @@ class FeatureCamExplainer(Method):
 
     def __init__(self, *, base: str = "scorecam", edges: str = "sobel", feature_input: str = "blend21",
                  combination: str = "add", k: float = 0.25, base_params: Optional[dict] = None):
-        from . import METHODS
-
         self.base_name = check_choice("base", base, tuple(m for m in METHODS if m != "featurecam"))
         if base_params is not None and not isinstance(base_params, dict):
             raise InvalidInputError(f"parameter base_params must be a mapping of {base}'s parameters, got {base_params!r}")
         self.base = METHODS[base].create(**(base_params or {}))
         self.needs_activation = self.base.needs_activation
+        self.needs_gradients = self.base.needs_gradients
         if edges not in BUILTIN_EDGES and not (isinstance(edges, str) and edges.endswith(".onnx")):
             raise InvalidInputError(f"parameter edges must be one of {BUILTIN_EDGES} or a path to an HED .onnx model, got {edges!r}")
         self.edges = edges
         self.feature_input = check_choice("feature_input", feature_input, FEATURE_INPUTS)
         self.combination = check_choice("combination", combination, COMBINATIONS)
         self.k = check_range("k", k, low=0, high=1)
+
+    def gradients_needed(self, meta) -> bool:
+        return self.base.gradients_needed(meta)
 
     def explain(self, ctx: Context) -> dict:
         xp = ctx.xp

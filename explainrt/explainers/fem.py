@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 from .base import Context, Method, check_range, minmax
+from .registry import register
 
 
+@register
 class FemExplainer(Method):
     """R = Σ_k μ_k · [A_k ≥ μ_k + k·σ_k], min–max to [0, 1], upsampled.
 

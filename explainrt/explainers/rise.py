@@ -4,8 +4,10 @@ from __future__ import annotations
 from ..errors import InvalidInputError
 from ..kernels.reference import rise_grids
 from .base import Context, MaskPlan, Method, ScoreTable, check_range
+from .registry import register
 
 
+@register
 class RiseExplainer(Method):
     """Random s×s Bernoulli(p1) grids, upsampled with a random shift; weight = class score.
 

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 from .base import Context, MaskPlan, Method, ScoreTable, check_bool, check_choice
+from .registry import register
 from .driver import run_inputs
 
 
+@register
 class ScoreCamExplainer(Method):
     """Weights each upsampled activation channel by the class score of the input it masks.
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .base import Context, MaskPlan, Method, ScoreTable, check_range
+from .registry import register
 
 
 def pairwise_distance_sums(xp, probs, counts):
@@ -13,6 +14,7 @@ def pairwise_distance_sums(xp, probs, counts):
     return dist @ counts.astype(xp.float64)
 
 
+@register
 class SiduExplainer(Method):
     """Masks = binarised activation channels; weight = similarity difference × uniqueness.
 

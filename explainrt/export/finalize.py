@@ -9,6 +9,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import ModelError
+from . import cam_head
 from .batch_rewrite import quiet_run, quiet_session
 from .metadata import ModelMetadata, check_labels, write_metadata
 
@@ -86,6 +87,7 @@ def probe_and_store(path: str, meta: ModelMetadata) -> ModelMetadata:
     meta.labels = check_labels(meta.labels, meta.num_classes)
     meta.validate()
     model = onnx.load(path)
+    meta.cam_head = cam_head.detect(model, meta)  # forward-only gradient CAMs where the head allows
     write_metadata(model, meta)
     onnx.save(model, path)
     return meta

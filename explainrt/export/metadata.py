@@ -13,6 +13,7 @@ import numbers
 from typing import Optional, Sequence
 
 from ..errors import InvalidInputError, ModelError
+from .cam_head import check as check_cam_head
 from .layout import LAYOUTS
 
 METADATA_KEY = "explainrt"
@@ -81,6 +82,7 @@ class ModelMetadata:
     fixed_batch: Optional[int] = None
     #: what export did to a fixed batch axis (``export.batch_rewrite``): status, rewrites or reason
     batch_rewrite: Optional[dict] = None
+    cam_head: Optional[dict] = None  # GAP + one linear layer after the activation (export/cam_head.py)
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
@@ -118,6 +120,7 @@ class ModelMetadata:
         if self.token_grid is not None:
             self.token_grid = positive_ints("token_grid", self.token_grid, 2)
         (self.num_classes,) = positive_ints("num_classes", (self.num_classes,), 1)
+        self.cam_head = check_cam_head(self.cam_head)
         if self.layout != "NCHW" or self.channels != 3:
             raise ModelError(f"explainrt explains RGB NCHW models; the metadata says layout={self.layout!r}, "
                              f"channels={self.channels!r}")

@@ -18,7 +18,7 @@ from typing import Callable, Optional, Union
 
 import numpy as np
 
-from ..api import Explanation
+from ..api import Explanation, check_gradients
 from ..cli import parse_params
 from ..errors import ExplainRTError, InvalidInputError
 from ..explainers import METHODS, check_applicable
@@ -164,8 +164,14 @@ def response_size(meta: ModelMetadata, n_targets: int, dtype: int, map_hw: tuple
 
 def _passes(method: Method, meta: ModelMetadata) -> int:
     """Masked forward passes of ``method`` (the base pass not included), an upper bound."""
-    channels = (meta.activation_shape or (0,))[0]  # a black-box model has none (RISE needs none)
     name = method.name
+    if name == "featurecam":
+        return _passes(method.base, meta)  # built-in edges run no engine passes
+    if name == "fgvis":
+        return 3 * method.iterations + 1  # per target: a forward and a backward (~2 passes) per iteration
+    if method.needs_gradients:  # gradient CAMs: one backward (or nothing beyond the base pass: a CAM head)
+        return 2 if method.gradients_needed(meta) else 0
+    channels = (meta.activation_shape or (0,))[0]  # a black-box model has none (RISE needs none)
     if name == "fem":
         return 0
     if name == "sidu":
@@ -174,8 +180,6 @@ def _passes(method: Method, meta: ModelMetadata) -> int:
         return channels + (1 if method.baseline else 0)  # constant channels skipped; the zero input
     if name == "rise":
         return method.n_masks
-    if name == "featurecam":
-        return _passes(method.base, meta)  # built-in edges run no engine passes
     raise InvalidInputError(f"no cost model for method {name!r}")
 
 
@@ -183,7 +187,8 @@ def estimate_cost(method: Method, meta: ModelMetadata) -> int:
     """Forward passes ``method`` makes on a model with ``meta``, the base pass included (an upper bound).
 
     FEM 1; SIDU 1 + C; Score-CAM 1 + C (+1 with baseline=True); RISE 1 + n_masks; Feature CAM
-    its base method's (sobel/canny edges need no engine). C is the activation's channel count;
+    its base method's (sobel/canny edges need no engine); FGVis 2 + 3·iterations (a backward
+    counted as two passes). C is the activation's channel count;
     SIDU dedupes masks and Score-CAM skips constant channels, so they may run fewer.
     """
     return 1 + _passes(method, meta)
@@ -260,6 +265,10 @@ def _method_memory(method: Method, meta: ModelMetadata, t: int, masked: int) -> 
         # visuals (float32 and the uint8 stack) and maps
         return (_method_memory(method.base, meta, t, masked) + 8 * h * w * f32 + 4 * 3 * h * w * f32
                 + t * 3 * h * w * (2 * f32 + 1) + 2 * t * h * w * f32)
+    if name == "fgvis":
+        # per target row: the mask, Adam's two moments, the explanation and its gradient, the
+        # explanation image; the graph's saved tensors for backward (rough: 64 image-sized maps)
+        return t * 3 * h * w * (8 * f32 + 1) + t * 64 * h * w * f32
     return 0
 
 
@@ -285,6 +294,8 @@ def parse_request(request: pb.ExplainRequest, models: ModelRepository,
             raise
         raise InvalidInputError(f"invalid parameters for method '{method}': {exc}; see GetModelMetadata") from None
     check_applicable(method, method_obj, meta)  # a black-box model: before the cost model, which reads C
+    if method_obj.gradients_needed(meta):
+        check_gradients(model.explainer.engine, method)
     for part in (method_obj, getattr(method_obj, "base", None)):  # RISE, also as Feature CAM's base
         if hasattr(part, "check_input"):
             part.check_input(meta.input_size)  # before the memory estimate, which grows with the grid
@@ -326,7 +337,7 @@ def parse_request(request: pb.ExplainRequest, models: ModelRepository,
     dtype = out.saliency_dtype or pb.FLOAT32
     n_targets = len(request.targets) or 1  # none: the top-1 class
     size = response_size(meta, n_targets, dtype, image_hw if original else tuple(meta.input_size),
-                         image_hw if out.overlay_png else None, method == "featurecam", top_k)
+                         image_hw if out.overlay_png else None, method in ("featurecam", "fgvis"), top_k)
     limits.check_response(size)  # before any work: nothing is decoded or allocated for a refused request
     return ExplainTask(
         request_id=request.request_id, model=model, image=image, method=method,

@@ -59,7 +59,7 @@ BAD_REQUESTS = {
     "channels": (_request(image=np.zeros((8, 8, 5), np.uint8)), "INVALID_ARGUMENT", "expected an RGB image"),
     "preprocessed shape": (_request(image=np.zeros((3, 16, 16), np.float32)), "INVALID_ARGUMENT", "must have shape"),
     "NaN input": (_request(image=_nan_input()), "INVALID_ARGUMENT", "NaN"),
-    "unknown method": (_request(method="gradcam"), "INVALID_ARGUMENT", "unknown method"),
+    "unknown method": (_request(method="lime"), "INVALID_ARGUMENT", "unknown method"),
     "unknown parameter": (_request(method="rise", params={"masks": "10"}), "INVALID_ARGUMENT", "unknown parameter"),
     "parameter range": (_request(method="rise", params={"n_masks": "-5"}), "INVALID_ARGUMENT", "n_masks must be"),
     "NaN parameter": (_request(method="fem", params={"k": "NaN"}), "INVALID_ARGUMENT", "finite"),
