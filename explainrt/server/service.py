@@ -462,9 +462,24 @@ def model_metadata(model) -> pb.ModelMetadataResponse:
         for info in infos:
             spec.add(name=info.name, dtype=info.dtype, shape=[-1 if d is None else int(d) for d in info.shape])
     for name, params in Explainer.methods().items():
-        if METHODS[name].needs_activation and not meta.has_activation:
-            continue  # a black-box model: only the methods that need class scores alone
+        if not _offered(name, meta, engine):
+            continue  # a black-box model, or gradients on an engine without them
         method = response.methods.add(name=name)
         for key, default in params.items():
             method.parameters.add(name=key, default_json=json.dumps(default))
     return response
+
+
+def _offered(name: str, meta, engine) -> bool:
+    """Whether the model can run method ``name`` with its defaults here (the checks a request meets)."""
+    from ..api import check_gradients
+    from ..explainers import check_applicable
+
+    algo = METHODS[name].create()
+    try:
+        check_applicable(name, algo, meta)
+        if algo.gradients_needed(meta):
+            check_gradients(engine, name)
+    except InvalidInputError:
+        return False
+    return True

@@ -211,7 +211,7 @@ def test_cli_explains_with_fgvis(square_model, tmp_path, capsys):
     try:
         code = main(["explain", "--model", square_model[1], "--backend", "torch", "--method", "fgvis",
                      "-p", "iterations=100", "-p", "game=preservation", "--target", "0", "--threads", "1", path,
-                     "-o", str(tmp_path / "out"), "--json", "--no-progress"])
+                     "-o", str(tmp_path / "out"), "--json", "--no-progress", "--plain"])
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr()
@@ -221,7 +221,7 @@ def test_cli_explains_with_fgvis(square_model, tmp_path, capsys):
     sal = np.load(tmp_path / "out" / "red.fgvis.npy")
     inside, outside = _inside_outside(sal, corner)
     assert inside > 0.6 and outside < 0.05
-    assert cv2.imread(str(tmp_path / "out" / "red.fgvis.vis.png")).shape == (SIZE, SIZE, 3)  # the explanation e
+    assert cv2.imread(str(tmp_path / "out" / "red.fgvis.vis.png")).shape == (SIZE, SIZE, 3)  # the explanation e (bare: --plain)
     code = main(["explain", "--model", square_model[1], "--method", "fgvis", path, "-o", str(tmp_path / "out2")])
     err = capsys.readouterr().err
     assert code == 2 and "backend='torch'" in err and len(err.strip().splitlines()) == 1
