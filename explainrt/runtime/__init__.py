@@ -1,8 +1,6 @@
 """Engines behind one contract (see ``base.Engine``) and the factory that picks one."""
 from __future__ import annotations
 
-from typing import Optional
-
 from ..errors import InvalidInputError
 from .base import BasePass, Engine, TensorInfo
 

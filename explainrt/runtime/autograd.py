@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence
 
 from ..errors import InvalidInputError
-from .onnx_torch import _OPS, TorchGraph
+from .onnx_torch import TorchGraph
 
 #: ONNX ops that are a nonlinearity of one tensor (where FGVis filters gradients)
 NONLINEAR_OPS = frozenset({
@@ -30,20 +30,8 @@ Hook = Callable[[object, list], list]  # (node, outputs) -> outputs
 
 
 def run_graph(graph: TorchGraph, feeds: dict, outputs: Sequence[str], after: Optional[Hook] = None) -> dict:
-    """``graph.run`` with ``after(node, results)`` applied to each node's outputs (and grads on)."""
-    wanted = tuple(outputs)
-    env = dict(feeds)
-    for node, free in graph._plan(wanted):
-        args = [None if not name else (env[name] if name in env else graph.consts[name]) for name in node.inputs]
-        results = _OPS[node.op_type](node, *args)
-        if after is not None:
-            results = after(node, results)
-        for name, value in zip(node.outputs, results):
-            if name:
-                env[name] = value
-        for name in free:
-            env.pop(name, None)
-    return {name: env[name] if name in env else graph.consts[name] for name in wanted}
+    """``graph.run`` with ``after(node, results)`` applied to each node's outputs (gradients as the caller sets)."""
+    return graph.run(feeds, outputs, after=after)
 
 
 def nonlinearity_outputs(graph: TorchGraph) -> frozenset:

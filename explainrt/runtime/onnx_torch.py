@@ -138,8 +138,9 @@ class TorchGraph:
         self._plans[wanted] = plan
         return plan
 
-    def run(self, feeds: dict, outputs: Sequence[str]) -> dict:
-        """Evaluate ``outputs`` from ``feeds`` ({input name: tensor on the device})."""
+    def run(self, feeds: dict, outputs: Sequence[str], after=None) -> dict:
+        """Evaluate ``outputs`` from ``feeds`` ({input name: tensor on the device}); ``after(node,
+        results)``, when given, sees each node's outputs and returns what goes on (autograd's hooks)."""
         wanted = tuple(outputs)
         missing = [o for o in wanted if o not in self.output_names]
         if missing:
@@ -148,6 +149,8 @@ class TorchGraph:
         for node, free in self._plan(wanted):
             args = [None if not name else (env[name] if name in env else self.consts[name]) for name in node.inputs]
             results = _OPS[node.op_type](node, *args)
+            if after is not None:
+                results = after(node, results)
             for name, value in zip(node.outputs, results):
                 if name:
                     env[name] = value
