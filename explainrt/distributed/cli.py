@@ -133,12 +133,8 @@ def cmd_eval_ray(args) -> int:
     info = {"model": args.model, "methods": methods, "params": params, "step": args.step,
             "percentile": args.percentile, "images": images, "backend": args.backend, "device": args.device,
             "batch_size": args.batch_size, "ray": args.ray or "local", "seconds": seconds, "errors": errors}
-    files = {"json": os.path.join(args.output, "eval.json"), "csv": os.path.join(args.output, "eval.csv"),
-             "plot": os.path.join(args.output, "curves.png")}
-    ev.write_json(files["json"], records, summary, curves, info)
-    ev.write_csv(files["csv"], records)
-    ev.plot_curves(files["plot"], curves, title=f"{os.path.basename(args.model)}: {len(images)} image(s), "
-                                               f"step {args.step}")
+    files = ev.write_results(args.output, records, summary, curves, info,
+                             title=f"{os.path.basename(args.model)}: {len(images)} image(s), step {args.step}")
     print(f"{len(images)} image(s), mean ± std over images (insertion/deletion step {args.step}, "
           f"explanation map above the {args.percentile:g}th percentile), on Ray in {seconds:.1f} s")
     print(ev.format_table(summary))

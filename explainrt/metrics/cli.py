@@ -80,12 +80,8 @@ def cmd_eval(args) -> int:
             "methods": methods, "params": params, "step": args.step, "percentile": args.percentile,
             "images": [os.path.basename(p) for p in images], "backend": explainer.engine.backend,
             "device": explainer.engine.device, "batch_size": explainer.batch_size}
-    files = {"json": os.path.join(args.output, "eval.json"), "csv": os.path.join(args.output, "eval.csv"),
-             "plot": os.path.join(args.output, "curves.png")}
-    ev.write_json(files["json"], records, summary, curves, info)
-    ev.write_csv(files["csv"], records)
-    ev.plot_curves(files["plot"], curves, title=f"{meta.name or os.path.basename(args.model)}: {len(images)} image(s), "
-                                               f"step {args.step}")
+    files = ev.write_results(args.output, records, summary, curves, info,
+                             title=f"{meta.name or os.path.basename(args.model)}: {len(images)} image(s), step {args.step}")
     print(f"{len(images)} image(s), mean ± std over images (insertion/deletion step {args.step}, "
           f"explanation map above the {args.percentile:g}th percentile)")
     files["index"] = _eval_index(args, records, summary, written, originals, files["plot"],

@@ -242,6 +242,17 @@ def table_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def write_results(output_dir: str, records: Sequence[ImageEvaluation], summary: dict, curves: dict, info: dict,
+                  title: Optional[str] = None) -> dict:
+    """`eval`'s files in ``output_dir`` (eval.json, eval.csv, curves.png); returns their paths by kind."""
+    files = {"json": os.path.join(output_dir, "eval.json"), "csv": os.path.join(output_dir, "eval.csv"),
+             "plot": os.path.join(output_dir, "curves.png")}
+    write_json(files["json"], records, summary, curves, info)
+    write_csv(files["csv"], records)
+    plot_curves(files["plot"], curves, title=title)
+    return files
+
+
 def write_json(path: str, records: Sequence[ImageEvaluation], summary: dict, curves: dict, info: dict) -> None:
     """Everything: run info, per-method summary, mean curves, per-(image, method) records with curves."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
