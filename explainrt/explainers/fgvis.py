@@ -27,6 +27,7 @@ no sparsity loss): ``lam`` sets it.
 """
 from __future__ import annotations
 
+from ..errors import InvalidInputError
 from .base import Context, Method, check_bool, check_choice, check_range
 from .registry import register
 from .driver import Cancelled
@@ -58,6 +59,8 @@ class FgvisExplainer(Method):
         self.iterations = check_range("iterations", iterations, low=1, high=100_000, kind=int)
         self.lr = check_range("lr", lr, low=0.0, low_open=True)
         self.optimizer = check_choice("optimizer", optimizer, ("adam", "sgd"))
+        if isinstance(channels, bool) or not isinstance(channels, int):  # 3.0 and True pass `in (1, 3)`
+            raise InvalidInputError(f"channels must be the integer 1 or 3, got {channels!r}")
         self.channels = check_choice("channels", channels, (1, 3))
         self.defence = check_bool("defence", defence)
 
@@ -71,6 +74,11 @@ class FgvisExplainer(Method):
         grad = GradientGraph(ctx.engine)
         torch, meta = grad.torch, ctx.engine.metadata
         t = len(ctx.targets)
+        if meta.fixed_batch is not None and (meta.fixed_batch != 1 or t != 1):
+            raise InvalidInputError(
+                f"FGVis optimises the masks of all targets in one batch (and the defence's bounds at batch 1), but this "
+                f"model keeps a fixed batch of {meta.fixed_batch}: explain one target at a time on a batch-1 model, or "
+                "re-export it with a dynamic batch")
         with grad.stream():
             x = grad.to_torch(ctx.x).float()  # the mask and Adam in float32, also on an fp16 engine
             dtype = grad.graph.dtype

@@ -197,8 +197,10 @@ class GradientGraph:
         field = meta.logits_output if score == "logit" else meta.probs_output
         if field is None:
             raise InvalidInputError("score='logit' needs a model exported with a logits output; use score='prob'")
-        t = len(targets)
-        leaf = {}
+        targets = list(targets)
+        # A model kept at a fixed batch N runs N rows at a time: targets in groups of N, the last padded.
+        group = meta.fixed_batch or len(targets)
+        leaf: dict = {}
 
         def detach_at_activation(node, results):
             if node.outputs[0] == meta.activation_output:
@@ -206,15 +208,21 @@ class GradientGraph:
                 return [leaf["a"], *results[1:]]
             return results
 
-        with torch.enable_grad():
-            xs = x.expand(t, *x.shape[1:])
-            out = run_graph(self.graph, {meta.input_name: xs}, [field], after=detach_at_activation)[field]
-            if "a" not in leaf:
-                raise InvalidInputError(f"the activation output {meta.activation_output!r} is not computed on the way "
-                                        f"to {field!r}")
-            index = torch.as_tensor(list(targets), device=out.device)
-            picked = out[torch.arange(t, device=out.device), index].sum()
-            (grad,) = torch.autograd.grad(picked, leaf["a"], allow_unused=True)
-        if grad is None:
-            raise InvalidInputError(f"the class scores do not depend on the activation output {meta.activation_output!r}")
-        return leaf["a"][:1].detach(), grad
+        grads = []
+        for start in range(0, len(targets), group):
+            part = targets[start:start + group]
+            leaf.clear()
+            with torch.enable_grad():
+                xs = x.expand(group, *x.shape[1:])
+                out = run_graph(self.graph, {meta.input_name: xs}, [field], after=detach_at_activation)[field]
+                if "a" not in leaf:
+                    raise InvalidInputError(f"the activation output {meta.activation_output!r} is not computed on the "
+                                            f"way to {field!r}")
+                index = torch.as_tensor(part, device=out.device)
+                picked = out[torch.arange(len(part), device=out.device), index].sum()
+                (grad,) = torch.autograd.grad(picked, leaf["a"], allow_unused=True)
+            if grad is None:
+                raise InvalidInputError(
+                    f"the class scores do not depend on the activation output {meta.activation_output!r}")
+            grads.append(grad[:len(part)])
+        return leaf["a"][:1].detach(), grads[0] if len(grads) == 1 else torch.cat(grads)

@@ -336,3 +336,29 @@ def test_tile_slice_and_constant_of_shape_patterns(tmp_path):
     want = np.concatenate([conv.mean((2, 3)), np.repeat(extra, 5, 0), np.ones((5, 1), np.float32)], axis=1)
     np.testing.assert_allclose(out[meta.activation_output], conv, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out[meta.logits_output], want, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_methods_on_a_model_kept_at_its_fixed_batch(tmp_path):
+    """Gradients run the graph directly (no engine padding): Grad-CAM groups its targets by the fixed
+    batch and equals the dynamic export's maps; FGVis, one batch of masks, says what it needs."""
+    from explainrt.errors import InvalidInputError
+
+    torch.manual_seed(0)
+    model = FlattenNet()
+    plain_export(model, tmp_path / "fixed.onnx")
+    plain_export(model, tmp_path / "dyn.onnx", dynamic=True)
+    fixed = expose_activation(str(tmp_path / "fixed.onnx"), str(tmp_path / "fixed_x.onnx"), rewrite_batch=False)
+    expose_activation(str(tmp_path / "dyn.onnx"), str(tmp_path / "dyn_x.onnx"))
+    assert fixed.fixed_batch == 1
+    img = np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)
+    kept, dynamic = Explainer(str(tmp_path / "fixed_x.onnx"), backend="torch"), Explainer(
+        str(tmp_path / "dyn_x.onnx"), backend="torch")
+    for method in ("gradcam", "gradcam++"):
+        got = kept.explain(img, method, target=[0, 1, 2])
+        want = dynamic.explain(img, method, target=[0, 1, 2])
+        np.testing.assert_allclose(got.raw_maps, want.raw_maps, rtol=1e-4, atol=1e-6)
+    assert kept.explain(img, "fgvis", target=0, iterations=2).saliency_maps.shape[0] == 1
+    with pytest.raises(InvalidInputError, match="fixed batch of 1"):
+        kept.explain(img, "fgvis", target=[0, 1], iterations=2)
+    with pytest.raises(InvalidInputError, match="the integer 1 or 3"):
+        kept.explain(img, "fgvis", channels=3.0)
