@@ -18,16 +18,19 @@ from .registry import METHODS
 
 def check_applicable(method: str, algo: Method, metadata) -> None:
     """Refuse ``algo`` (the method ``method``, created) on a model it cannot explain: the methods that
-    read a feature layer's activations on a black-box model (exported without one)."""
+    read a feature layer's activations on a black-box model (exported without one), and what the
+    method's own ``check_model`` refuses (gradient CAMs on token or NHWC layers)."""
     from ..errors import InvalidInputError
 
     if algo.needs_activation and not metadata.has_activation:
-        usable = ", ".join(name for name, cls in METHODS.items() if not cls.needs_activation)
+        usable = ", ".join(name + (" (backend torch)" if cls.needs_gradients else "")
+                           for name, cls in METHODS.items() if not cls.needs_activation)
         model = f"model {metadata.name!r}" if metadata.name else "the model"
         raise InvalidInputError(
             f"method {method!r} needs the activations of a feature layer, but {model} was exported without one "
             f"(a black-box model: scores only); use {usable} (or featurecam with base='rise'), or re-export "
             "with an activation")
+    algo.check_model(metadata)
 
 
 

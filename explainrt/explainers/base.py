@@ -103,6 +103,10 @@ class Method:
         """Whether this call differentiates the model (``meta``: the model's metadata)."""
         return self.needs_gradients
 
+    def check_model(self, meta) -> None:
+        """Raise ``InvalidInputError`` when this method cannot explain a model with ``meta`` (beyond a
+        missing activation, which ``explainers.check_applicable`` checks for every method)."""
+
     def plan(self, ctx: Context) -> Optional[MaskPlan]:
         """Masks to run through the engine, or None when the method needs no masked passes."""
         return None

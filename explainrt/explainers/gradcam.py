@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from .base import Context, Method, check_choice
+from ..errors import InvalidInputError
 from .registry import register
 
 EPS = {"gradcam++": 1e-6, "xgradcam": 1e-7}
@@ -34,6 +35,13 @@ class GradCamExplainer(Method):
 
     def gradients_needed(self, meta) -> bool:
         return not self.forward_only(meta)
+
+    def check_model(self, meta) -> None:
+        layout = meta.activation_layout or "NCHW"
+        if meta.has_activation and layout != "NCHW":
+            raise InvalidInputError(
+                f"{self.name} is implemented for NCHW feature layers; this model's explained tensor is {layout} "
+                "(a transformer's tokens or an NHWC map): use scorecam, sidu or rise")
 
     def forward_only(self, meta) -> bool:
         return self.score == "logit" and meta.cam_head is not None

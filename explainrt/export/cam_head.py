@@ -129,6 +129,10 @@ def class_weights(engine, head: dict) -> np.ndarray:
     from onnx import numpy_helper
 
     path = onnx_source(engine)
+    if not os.path.isfile(path):
+        raise ModelError(f"the CAM head's class weights are read from the ONNX file the model was built from, {path}, "
+                         "which is not there: put it at that path beside the plan (or rebuild the plan where it is), "
+                         "or use backend='torch'")
     key = (os.path.abspath(path), os.path.getmtime(path), head["weight"])
     with _lock:
         found = _cache.get(key)

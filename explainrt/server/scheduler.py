@@ -230,7 +230,7 @@ class Scheduler:
     def _prune(self) -> None:
         """Remove dead and hopeless jobs from the queue (under the lock) and fail their futures."""
         dead = [job for job in self._pending if job.dead()]
-        hopeless = self._hopeless()
+        hopeless = {job: own for job, own in self._hopeless().items() if job not in dead}  # each leaves once
         if dead or hopeless:
             gone = set(dead) | set(hopeless)
             self._pending = [job for job in self._pending if job not in gone]

@@ -220,6 +220,13 @@ def test_cam_weights_found_through_a_tensorrt_plan_record(models, tmp_path):
     assert onnx_source(engine) == path
     head = Explainer(path).metadata.cam_head
     np.testing.assert_array_equal(class_weights(engine, head), module[-1].weight.detach().numpy())
+    # a plan deployed without the file its record names: a ModelError that says what to do
+    with open(plan_info_path(plan), "w") as fh:
+        json.dump({"build": {"source": str(tmp_path / "elsewhere" / "tiny.onnx"), "max_batch": 8}}, fh)
+    from explainrt.errors import ModelError
+
+    with pytest.raises(ModelError, match="is not there: put it at that path beside the plan"):
+        class_weights(engine, head)
 
 
 def test_server_gradcam_forward_only_on_onnx_runtime(models, tmp_path):

@@ -317,3 +317,18 @@ def test_blackbox_from_torch_and_cli(tmp_path, capsys):
     assert main(["export", "--onnx", src, "--no-activation", "-o", str(tmp_path / "cli.onnx")]) == 0
     assert "no activation (black-box" in capsys.readouterr().out
     assert Explainer(str(tmp_path / "cli.onnx")).metadata.activation_output is None
+
+
+def test_gradient_cams_refuse_token_layouts_up_front(tmp_path):
+    """A ViT's explained tensor is a token grid: the gradient CAMs (NCHW only) are refused by the
+    shared check, before any work, and the server's metadata does not offer them."""
+    from explainrt.explainers import METHODS, check_applicable
+
+    meta = export_torch(TinyViT().eval(), str(tmp_path / "vit.onnx"), input_size=(SIZE, SIZE))
+    assert meta.activation_layout == "tokens"
+    for method in ("gradcam", "gradcam++", "xgradcam", "layercam"):
+        with pytest.raises(InvalidInputError, match="implemented for NCHW feature layers"):
+            check_applicable(method, METHODS[method].create(), meta)
+        with pytest.raises(InvalidInputError, match="implemented for NCHW"):
+            Explainer(str(tmp_path / "vit.onnx"), backend="torch").explain(planted_image(), method)
+    check_applicable("scorecam", METHODS["scorecam"].create(), meta)

@@ -1,6 +1,7 @@
 """The scheduler alone: bounded queue, cancellation before and during work, draining, and the codec."""
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -275,6 +276,30 @@ def test_a_waiting_expensive_job_leaves_the_queue_once_it_can_no_longer_finish()
         release.set()
         assert sched.shutdown(5)
         assert ran == ["cheap"]
+    finally:
+        release.set()
+        sched.shutdown(5)
+
+
+def test_a_job_leaves_the_queue_once_even_when_both_expired_and_hopeless():
+    seen = []
+    sched = Scheduler(workers=1, queue_size=8, on_dequeue=lambda job, s: seen.append(job.name))
+    release = threading.Event()
+    try:
+        paced = Job(lambda job: time.sleep(0.05), cost=10, name="pace")
+        sched.submit(paced)
+        paced.future.result(5)
+        started = threading.Event()
+        sched.submit(Job(_blocker(release, started), cost=10, name="busy"))
+        assert started.wait(5)
+        late = Job(lambda job: None, cost=1000, deadline=time.monotonic() + 0.2, name="late")
+        with contextlib.suppress(DeadlineExceeded):
+            sched.submit(late)
+        time.sleep(0.3)
+        assert sched.depth == 0
+        with pytest.raises(DeadlineExceeded):
+            late.future.result(1)
+        assert seen.count("late") == 1
     finally:
         release.set()
         sched.shutdown(5)
