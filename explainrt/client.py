@@ -389,14 +389,16 @@ class ExplainClient:
 
     # ---- plumbing ----------------------------------------------------------------------
     def _unary(self, method, request, timeout: Optional[float]) -> tuple[Any, str]:
-        """(response, replica that answered), UNAVAILABLE retried ``retries`` times with backoff."""
+        """(response, replica that answered), UNAVAILABLE retried ``retries`` times with backoff (over
+        several replicas the channel's retry policy does that, on another replica: not again here)."""
         timeout = self.timeout if timeout is None else timeout
-        for attempt in range(self.retries + 1):
+        retries = 0 if self.balanced else self.retries
+        for attempt in range(retries + 1):
             try:
                 response, call = method.with_call(request, timeout=timeout, metadata=self._metadata)
                 return response, _replica(call.trailing_metadata())
             except self.grpc.RpcError as exc:
-                if exc.code() == self.grpc.StatusCode.UNAVAILABLE and attempt < self.retries:
+                if exc.code() == self.grpc.StatusCode.UNAVAILABLE and attempt < retries:
                     delay = self.backoff * (2 ** attempt)
                     log.info("event=retry code=UNAVAILABLE attempt=%d delay_s=%.3f", attempt + 1, delay)
                     time.sleep(delay)

@@ -262,3 +262,46 @@ def test_a_dns_name_is_resolved_and_balanced_by_grpc(single_model_dir):
             assert {client.explain(IMAGE, "fem").replica for _ in range(3)} == {"only"}
     finally:
         srv.stop(grace=0)
+
+
+def test_a_balanced_client_retries_once_per_policy_not_twice():
+    """UNAVAILABLE is retried ``retries`` times in all, over one address or several (the channel's retry
+    policy and the client's own loop must not multiply: 16 attempts for retries=3 before)."""
+    from concurrent import futures
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    seen = []
+
+    def refuse(request, context):
+        seen.append(1)
+        context.abort(grpc.StatusCode.UNAVAILABLE, "draining")
+
+    class Refusing(grpc.GenericRpcHandler):
+        def service(self, details):
+            if details.method == "/explainrt.v1.ExplainService/ListModels":
+                return grpc.unary_unary_rpc_method_handler(refuse, request_deserializer=lambda b: b,
+                                                           response_serializer=lambda b: b)
+            return None
+
+    servers, ports = [], []
+    try:
+        for _ in range(2):
+            server = grpc.server(futures.ThreadPoolExecutor(4))
+            server.add_generic_rpc_handlers((Refusing(),))
+            servicer = health.HealthServicer()
+            servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+            health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+            ports.append(server.add_insecure_port("127.0.0.1:0"))
+            server.start()
+            servers.append(server)
+        for url in (f"127.0.0.1:{ports[0]}", f"127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}"):
+            seen.clear()
+            with ExplainClient(url, retries=3, backoff=0.01, timeout=10) as client:
+                with pytest.raises(RemoteError) as err:
+                    client.list_models()
+            assert err.value.code == "UNAVAILABLE" and len(seen) == 4, (url, len(seen))
+    finally:
+        for server in servers:
+            server.stop(0)
