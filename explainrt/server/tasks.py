@@ -83,6 +83,10 @@ class RequestLimits:
         n_masks = max(getattr(m, "n_masks", 0) for m in (method, getattr(method, "base", None)))
         if n_masks > self.max_masks:
             raise InvalidInputError(f"n_masks={n_masks} is over this server's limit of {self.max_masks}")
+        iterations = getattr(method, "iterations", 0)  # FGVis: a forward and a backward per iteration
+        if iterations > self.max_masks:
+            raise InvalidInputError(f"iterations={iterations} is over this server's limit of {self.max_masks} "
+                                    "(--max-masks bounds FGVis's iterations too)")
         if len(targets) > self.max_targets:
             raise InvalidInputError(f"{len(targets)} targets requested; this server explains at most "
                                     f"{self.max_targets} classes per request")
@@ -162,15 +166,17 @@ def response_size(meta: ModelMetadata, n_targets: int, dtype: int, map_hw: tuple
     )
 
 
-def _passes(method: Method, meta: ModelMetadata) -> int:
-    """Masked forward passes of ``method`` (the base pass not included), an upper bound."""
+def _passes(method: Method, meta: ModelMetadata, n_targets: int = 1) -> int:
+    """Masked forward passes of ``method`` (the base pass not included), an upper bound; a backward
+    counts as two passes, and the gradient methods run one row per target."""
     name = method.name
+    t = max(1, int(n_targets))
     if name == "featurecam":
-        return _passes(method.base, meta)  # built-in edges run no engine passes
+        return _passes(method.base, meta, t)  # built-in edges run no engine passes
     if name == "fgvis":
-        return 3 * method.iterations + 1  # per target: a forward and a backward (~2 passes) per iteration
-    if method.needs_gradients:  # gradient CAMs: one backward (or nothing beyond the base pass: a CAM head)
-        return 2 if method.gradients_needed(meta) else 0
+        return 3 * method.iterations * t + 2  # a forward and a backward per iteration and target; bounds, final
+    if method.needs_gradients:  # gradient CAMs: one forward and backward per target (nothing more: a CAM head)
+        return 3 * t if method.gradients_needed(meta) else 0
     channels = (meta.activation_shape or (0,))[0]  # a black-box model has none (RISE needs none)
     if name == "fem":
         return 0
@@ -183,15 +189,15 @@ def _passes(method: Method, meta: ModelMetadata) -> int:
     raise InvalidInputError(f"no cost model for method {name!r}")
 
 
-def estimate_cost(method: Method, meta: ModelMetadata) -> int:
+def estimate_cost(method: Method, meta: ModelMetadata, n_targets: int = 1) -> int:
     """Forward passes ``method`` makes on a model with ``meta``, the base pass included (an upper bound).
 
     FEM 1; SIDU 1 + C; Score-CAM 1 + C (+1 with baseline=True); RISE 1 + n_masks; Feature CAM
-    its base method's (sobel/canny edges need no engine); FGVis 2 + 3·iterations (a backward
-    counted as two passes). C is the activation's channel count;
+    its base method's (sobel/canny edges need no engine); FGVis 3 + 3·iterations·T, autograd
+    Grad-CAMs 1 + 3·T (a backward counted as two passes; T targets). C is the activation's channel count;
     SIDU dedupes masks and Score-CAM skips constant channels, so they may run fewer.
     """
-    return 1 + _passes(method, meta)
+    return 1 + _passes(method, meta, n_targets)
 
 
 def estimate_memory(method: Method, meta: ModelMetadata, batch_size: int, n_targets: int,
@@ -213,7 +219,7 @@ def estimate_memory(method: Method, meta: ModelMetadata, batch_size: int, n_targ
     k = meta.num_classes
     t = max(1, n_targets)
     f32, f64 = 4, 8
-    masked = _passes(method, meta)
+    masked = _passes(method, meta, t)
     chunk = max(1, min(batch_size, masked)) if masked else 0
     img = 3 * h * w  # model-size pixels × channels
 
@@ -343,7 +349,7 @@ def parse_request(request: pb.ExplainRequest, models: ModelRepository,
         request_id=request.request_id, model=model, image=image, method=method,
         targets=list(request.targets) or None, params=params,
         saliency_dtype=dtype, original_size=original, overlay=out.overlay_png, top_k=top_k,
-        cost_passes=estimate_cost(method_obj, meta),
+        cost_passes=estimate_cost(method_obj, meta, n_targets),
         memory_bytes=estimate_memory(method_obj, meta, model.explainer.batch_size, n_targets, image_hw,
                                      input_bytes, size),
         response_bytes=size.total,

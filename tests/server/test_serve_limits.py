@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from explainrt.client import ExplainClient, RemoteError
+from explainrt.errors import InvalidInputError
 from explainrt.proto.explainrt.v1 import explainrt_pb2 as pb
 from serve_helpers import start_server
 
@@ -266,3 +267,21 @@ def test_estimates_are_recorded_on_the_task(big_server):
     large = parse_request(req, big_server.models)
     assert (small.cost_passes, large.cost_passes) == (1001, 10001)
     assert large.memory_bytes > small.memory_bytes > 0
+
+
+def test_gradient_methods_cost_grows_with_targets_and_iterations_are_bounded(server):
+    """FGVis optimises one mask per target (a forward and a backward each, every iteration) and the
+    autograd Grad-CAMs run one row per target: their cost counts the targets, so a 16-target FGVis
+    is not priced as a one-target one (the deadline admission and the lanes read it)."""
+    from explainrt.explainers import METHODS
+    from explainrt.server.tasks import RequestLimits, estimate_cost
+
+    meta = server.models.get("tiny").metadata
+    fgvis = METHODS["fgvis"].create(iterations=100)
+    assert estimate_cost(fgvis, meta, 16) == 1 + 3 * 100 * 16 + 2
+    assert estimate_cost(fgvis, meta, 16) > 15 * estimate_cost(fgvis, meta, 1)
+    prob_cam = METHODS["gradcam"].create(score="prob")  # not the CAM head's forward-only path: autograd
+    assert estimate_cost(prob_cam, meta, 4) == 1 + 3 * 4
+    assert estimate_cost(METHODS["gradcam"].create(), meta, 4) == 1  # the tiny model's CAM head: the base pass
+    with pytest.raises(InvalidInputError, match="iterations=30000 is over this server's limit of 20000"):
+        RequestLimits(max_masks=20000).check(METHODS["fgvis"].create(iterations=30000), [], np.zeros((8, 8, 3), np.uint8))
