@@ -28,14 +28,13 @@ import numpy as np
 from .api import FirstTargetView, target_indices
 from .credentials import TOKEN_ENV, SecurityError, check_key_pair, check_token, is_loopback, read_pem
 from .errors import ExplainRTError, InvalidInputError, require
+from .proto import REPLICA_KEY, SERVICE_NAME  # wire constants, shared with the server (no protobuf import)
 
 log = logging.getLogger(__name__)
 
 ImageInput = Union[str, os.PathLike, bytes, np.ndarray]
 PathLike = Union[str, os.PathLike]
 MIB = 2**20
-REPLICA_KEY = "explainrt-replica"  # metadata the server names itself in (explainrt.server.service.REPLICA_KEY)
-SERVICE = "explainrt.v1.ExplainService"
 
 
 class RemoteError(ExplainRTError):
@@ -548,7 +547,7 @@ def service_config(retries: int, backoff: float) -> dict:
     """gRPC service config of a balanced channel: round_robin over healthy replicas, UNAVAILABLE retried."""
     config: dict = {"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": ""}}
     if retries > 0:
-        config["methodConfig"] = [{"name": [{"service": SERVICE}], "retryPolicy": {
+        config["methodConfig"] = [{"name": [{"service": SERVICE_NAME}], "retryPolicy": {
             "maxAttempts": min(retries + 1, 5), "initialBackoff": f"{max(backoff, 0.001):.3f}s",
             "maxBackoff": f"{max(backoff, 0.001) * 16:.3f}s", "backoffMultiplier": 2,
             "retryableStatusCodes": ["UNAVAILABLE"]}}]

@@ -10,7 +10,9 @@ import numpy as np
 from .imaging import as_rgb_uint8, colormap
 
 #: how each method is named in captions
-METHOD_TITLES = {"sidu": "SIDU", "scorecam": "Score-CAM", "rise": "RISE", "fem": "FEM", "featurecam": "Feature CAM"}
+METHOD_TITLES = {"sidu": "SIDU", "scorecam": "Score-CAM", "rise": "RISE", "fem": "FEM", "featurecam": "Feature CAM",
+                 "gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "xgradcam": "XGrad-CAM", "layercam": "LayerCAM",
+                 "fgvis": "FGVis"}
 
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 _INK = (20, 20, 20)

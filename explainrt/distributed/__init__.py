@@ -22,9 +22,10 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from .. import outputs
 from ..errors import ExplainRTError, InvalidInputError, require
 
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "tif", "tiff", "webp")
+IMAGE_EXTENSIONS = tuple(e.lstrip(".") for e in outputs.IMAGE_EXTENSIONS)  # Ray's form: no dot
 TIMING_KEYS = ("preprocess_s", "base_pass_s", "explain_s", "total_s")
 CURVE_MODES = ("insertion", "deletion")
 

@@ -23,6 +23,7 @@ from google.protobuf.message import DecodeError
 from ..errors import ExplainRTError, InvalidInputError, MissingDependencyError, ModelError
 from ..explainers import METHODS
 from ..explainers.driver import Cancelled
+from ..proto import REPLICA_KEY, SERVICE_NAME
 from ..proto.explainrt.v1 import explainrt_pb2 as pb
 from .logs import log_event
 from .metrics import ServerMetrics
@@ -32,8 +33,6 @@ from .tasks import ExplainTask, RequestLimits, ResponseTooLarge, check_built_siz
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = "explainrt.v1.ExplainService"
-REPLICA_KEY = "explainrt-replica"  # metadata naming the server that answered (its --replica-name)
 PRIORITY_RANGE = (-10, 10)
 PARSE_OFF_LOOP_BYTES = 1 << 20  # requests larger than this are validated on a thread, not on the event loop
 SLOT_POLL_S = 0.02  # a stream item waiting for a queue slot looks again this often
