@@ -235,6 +235,30 @@ def write_explanation(args, path: str, stem: str, method: str, targets, labels, 
             print(f"{line} [{replica}]" if replica else line)
 
 
+def method_applies(method: str, params: dict, meta) -> bool:
+    """Whether ``method`` (with ``params``) can explain a model with ``meta`` (a black box cannot give activations)."""
+    from .explainers import METHODS, check_applicable
+
+    try:
+        check_applicable(method, METHODS[method].create(**params), meta)
+    except InvalidInputError:
+        return False
+    return True
+
+
+def methods_for_model(spec: str, methods: list[str], model: Optional[str], applies) -> list[str]:
+    """`--method all` on a model that cannot run some of them (a black box): those are skipped with a
+    note on stderr (named ones are not: their error says why). ``applies(method) -> bool``."""
+    if "all" not in spec.split(","):
+        return methods
+    kept = [m for m in methods if applies(m)]
+    if len(kept) < len(methods):
+        skipped = [m for m in methods if m not in kept]
+        print(f"explainrt: {model or 'the model'} cannot run {', '.join(skipped)} (a black-box model has no "
+              f"activation): skipping them; running {', '.join(kept) or 'nothing'}", file=sys.stderr)
+    return kept
+
+
 def _explain_images(args, images: list[str], params: Optional[dict] = None) -> RunRecord:
     """Explain every image with every method of `--method`, writing files and index.html."""
     from . import Explainer
@@ -250,13 +274,7 @@ def _explain_images(args, images: list[str], params: Optional[dict] = None) -> R
     explainer = Explainer(args.model, batch_size=args.batch_size, backend=args.backend, device=args.device,
                           **({"threads": args.threads} if args.threads else {}))
     meta = explainer.metadata
-    if not meta.has_activation and "all" in args.method.split(","):
-        from .explainers import METHODS
-
-        skipped = [m for m in methods if METHODS[m].create(**params[m]).needs_activation]
-        methods = [m for m in methods if m not in skipped]
-        print(f"explainrt: {meta.name or 'the model'} is a black-box model (no activation): "
-              f"skipping {', '.join(skipped)}; running {', '.join(methods)}", file=sys.stderr)
+    methods = methods_for_model(args.method, methods, meta.name, lambda m: method_applies(m, params[m], meta))
     targets = resolve_targets(args.target, meta.labels, meta.num_classes)
     show_bar = not args.no_progress
     run = RunRecord()

@@ -47,15 +47,19 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-def _one_target(args):
+def _metadata(path: str):
+    from ..export.metadata import load_onnx, read_metadata_props
+
+    model = load_onnx(path)
+    return read_metadata_props({p.key: p.value for p in model.metadata_props}, path)
+
+
+def _one_target(args, meta):
     """`--target` (an index or label name) as the one class index Ray explains, or None (top-1)."""
     from ..cli import resolve_targets
-    from ..export.metadata import load_onnx, read_metadata_props
 
     if not args.target:
         return None
-    model = load_onnx(args.model)
-    meta = read_metadata_props({p.key: p.value for p in model.metadata_props}, args.model)
     targets = resolve_targets(args.target, meta.labels, meta.num_classes)
     if len(targets) > 1:
         raise InvalidInputError(f"--ray explains one class per image (or each image's top-1); got {len(targets)} "
@@ -65,13 +69,15 @@ def _one_target(args):
 
 def cmd_explain_ray(args) -> int:
     """`explain --ray`: Parquet rows under OUTPUT/explanations, the summary in OUTPUT/summary.json."""
-    from ..cli import params_by_method, parse_params
+    from ..cli import method_applies, methods_for_model, params_by_method, parse_params
     from ..outputs import parse_methods, prepare_output_dir
     from . import explain_dataset, summarise_explanations
 
     methods = parse_methods(args.method)
     params = params_by_method(parse_params(args.param), methods)
-    target = _one_target(args)
+    meta = _metadata(args.model)
+    methods = methods_for_model(args.method, methods, meta.name, lambda m: method_applies(m, params[m], meta))
+    target = _one_target(args, meta)
     prepare_output_dir(args.output)
     out = os.path.join(args.output, "explanations")
     if os.path.exists(out):

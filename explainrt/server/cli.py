@@ -170,7 +170,8 @@ def cmd_serve(args) -> int:
 
 def cmd_client(args) -> int:
     require("grpc", "serve", "`explainrt client`")
-    from ..cli import ProgressBar, RunRecord, params_by_method, parse_params, write_explanation, write_run_index
+    from ..cli import (ProgressBar, RunRecord, methods_for_model, params_by_method, parse_params, write_explanation,
+                       write_run_index)
     from ..client import ExplainClient, RemoteError
     from ..imaging import check_image_path, read_image
     from ..outputs import dumps, expand_image_dirs, output_stems, parse_methods, prepare_output_dir
@@ -198,6 +199,9 @@ def cmd_client(args) -> int:
             raise InvalidInputError("give one or more image files (or --list-models / --health)")
         methods = parse_methods(args.method)
         params = params_by_method(parse_params(args.param), methods)
+        if "all" in args.method.split(","):  # what the server's model cannot run is skipped (a black box)
+            meta = client.metadata(args.model)
+            methods = methods_for_model(args.method, methods, meta.get("name"), lambda m: m in meta["methods"])
         images = expand_image_dirs(args.images)
         stems = output_stems(images)
         targets = _client_targets(client, args)

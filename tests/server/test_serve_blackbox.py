@@ -53,5 +53,17 @@ def test_cli_method_all_skips_what_a_blackbox_cannot_run(blackbox, png_path, tmp
     assert main(["explain", "--model", path, "--method", "all", "-p", "n_masks=30", "-p", "grid_size=4",
                  "--no-progress", "-o", str(tmp_path), png_path]) == 0
     captured = capsys.readouterr()
-    assert "black-box model (no activation): skipping sidu, scorecam, fem, featurecam; running rise" in captured.err
+    assert "cannot run sidu, scorecam, fem, featurecam (a black-box model has no activation): skipping them; " \
+           "running rise" in captured.err
+    assert ".rise." in captured.out and ".sidu." not in captured.out
+
+
+def test_client_method_all_skips_what_the_servers_model_cannot_run(blackbox, png_path, tmp_path, capsys):
+    from explainrt.cli import main
+
+    server, _, _ = blackbox
+    assert main(["client", "--url", f"127.0.0.1:{server.port}", "--model", "bb", "--method", "all", "-p",
+                 "n_masks=30", "-p", "grid_size=4", "--no-progress", "-o", str(tmp_path), png_path]) == 0
+    captured = capsys.readouterr()
+    assert "cannot run sidu, scorecam, fem, featurecam" in captured.err and "running rise" in captured.err
     assert ".rise." in captured.out and ".sidu." not in captured.out
