@@ -73,6 +73,9 @@ def cmd_explain_ray(args) -> int:
     from ..outputs import parse_methods, prepare_output_dir
     from . import explain_dataset, summarise_explanations
 
+    from . import _ray
+
+    _ray()  # without Ray installed: the one-line error that names the extra, before anything else
     methods = parse_methods(args.method)
     params = params_by_method(parse_params(args.param), methods)
     meta = _metadata(args.model)
