@@ -21,6 +21,7 @@ import numpy as np
 
 from ..errors import ModelError
 from .metadata import ModelMetadata
+from .onnx_tensors import node_attr
 
 log = logging.getLogger(__name__)
 
@@ -205,13 +206,6 @@ def _ints(values: dict, node, attr: str, input_index: int):
     return []
 
 
-def _attr(node, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return a.i
-    return default
-
-
 def _batch_axes(node, axis_of: dict, values: dict, dynamic: set) -> list:
     """For each output of ``node``: the axis holding the batch as its outermost factor, or None (unknown).
 
@@ -247,22 +241,22 @@ def _batch_axes(node, axis_of: dict, values: dict, dynamic: set) -> list:
     if op in _NCHW:
         return [0] * n_out if a == 0 else unknown
     if op in ("Softmax", "LogSoftmax", "Hardmax", "LayerNormalization", "Flatten", "CumSum"):
-        axis = _attr(node, "axis", -1 if op != "Flatten" else 1) % max(in_rank, 1)
+        axis = node_attr(node, "axis", -1 if op != "Flatten" else 1) % max(in_rank, 1)
         if op == "LayerNormalization" and a < axis or op in ("Softmax", "LogSoftmax", "Hardmax") and a != axis:
             return [a] + [None] * (n_out - 1)
         if op == "Flatten" and all(d == 1 for d in np.shape(values[node.input[0]])[:a]) and a < axis:
             return [0]
         return unknown
     if op == "Gemm":
-        return [0] if j == 0 and a == 0 and not _attr(node, "transA", 0) else unknown
+        return [0] if j == 0 and a == 0 and not node_attr(node, "transA", 0) else unknown
     if op == "Transpose":
         perm = _ints(values, node, "perm", 99) or list(range(in_rank))[::-1]
         return [perm.index(a)]
     if op in ("Concat", "Split"):
-        axis = _attr(node, "axis", 0) % in_rank
+        axis = node_attr(node, "axis", 0) % in_rank
         return unknown if axis == a or len({b for _, b in carried}) > 1 else [a] * n_out
     if op == "Gather":
-        axis = _attr(node, "axis", 0) % in_rank
+        axis = node_attr(node, "axis", 0) % in_rank
         if j != 0 or axis == a:
             return unknown
         return [a if axis > a else a + rank(node.input[1]) - 1]
@@ -281,7 +275,7 @@ def _batch_axes(node, axis_of: dict, values: dict, dynamic: set) -> list:
         if not axes:
             return unknown
         axes = [t % in_rank for t in axes]
-        keep = _attr(node, "keepdims", 1)
+        keep = node_attr(node, "keepdims", 1)
         return unknown if a in axes else [a if keep else a - sum(t < a for t in axes)]
     if op == "Slice":
         axes = _ints(values, node, "axes", 3)

@@ -18,19 +18,11 @@ from typing import Optional
 import numpy as np
 
 from ..errors import ModelError
+from .onnx_tensors import node_attr
 
 _PASS_THROUGH = ("Flatten", "Reshape", "Squeeze", "Identity", "Dropout")
 _cache: dict = {}
 _lock = threading.Lock()
-
-
-def _attr(node, name, default=None):
-    import onnx
-
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
 
 
 def detect(model, meta) -> Optional[dict]:
@@ -59,7 +51,7 @@ def detect(model, meta) -> Optional[dict]:
     if node is None:
         return None
     if node.op_type == "ReduceMean":
-        axes = _attr(node, "axes")
+        axes = node_attr(node, "axes")
         if axes is None and len(node.input) > 1 and node.input[1] in inits:
             axes = numpy_helper.to_array(inits[node.input[1]]).tolist()
         if axes is None or sorted(a % 4 for a in axes) != [2, 3]:
@@ -73,9 +65,9 @@ def detect(model, meta) -> Optional[dict]:
         node = only_consumer(tensor)
     if node is None:
         return None
-    if node.op_type == "Gemm" and node.input[0] == tensor and node.input[1] in inits and not _attr(node, "transA", 0):
-        head = {"weight": node.input[1], "layout": "KC" if _attr(node, "transB", 0) else "CK",
-                "alpha": float(_attr(node, "alpha", 1.0))}
+    if node.op_type == "Gemm" and node.input[0] == tensor and node.input[1] in inits and not node_attr(node, "transA", 0):
+        head = {"weight": node.input[1], "layout": "KC" if node_attr(node, "transB", 0) else "CK",
+                "alpha": float(node_attr(node, "alpha", 1.0))}
         out = node.output[0]
     elif node.op_type == "MatMul" and node.input[0] == tensor and node.input[1] in inits:
         head = {"weight": node.input[1], "layout": "CK", "alpha": 1.0}

@@ -23,13 +23,22 @@ def static_dims(value_info) -> list:
 _POOLS = ("GlobalAveragePool", "GlobalMaxPool")
 
 
-def _reduce_axes(node, graph) -> Optional[list]:
+def node_attr(node, name: str, default=None):
+    """The value of attribute ``name`` of an ONNX node (``default`` when it has none)."""
     import onnx
-    from onnx import numpy_helper
 
     for attr in node.attribute:
-        if attr.name == "axes":
-            return list(onnx.helper.get_attribute_value(attr))
+        if attr.name == name:
+            return onnx.helper.get_attribute_value(attr)
+    return default
+
+
+def _reduce_axes(node, graph) -> Optional[list]:
+    from onnx import numpy_helper
+
+    axes = node_attr(node, "axes")
+    if axes is not None:
+        return list(axes)
     if len(node.input) > 1 and node.input[1]:
         for init in graph.initializer:
             if init.name == node.input[1]:

@@ -4,8 +4,8 @@
 it in ``inference_mode`` for the forward-only methods. This module adds what the gradient
 methods need, without model-specific code:
 
-- ``run_graph``: the interpreter's loop with a hook called on each node's outputs (it may
-  replace them), with gradients recorded;
+- per-node hooks through ``TorchGraph.run(..., after=hook)``: called on each node's outputs (it
+  may replace them), with gradients recorded;
 - ``nonlinearity_outputs``: the output tensor of every nonlinearity node of the graph (Relu,
   Clip/ReLU6, HardSwish, LeakyRelu, Gelu, …, and ``x·sigmoid(x)``/``x·hardsigmoid(x)`` written
   as a Mul), except those that end the network (the classifier's Softmax/Sigmoid);
@@ -14,7 +14,7 @@ methods need, without model-specific code:
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 from ..errors import InvalidInputError
 from .onnx_torch import TorchGraph
@@ -26,12 +26,6 @@ NONLINEAR_OPS = frozenset({
 })
 _GATES = ("Sigmoid", "HardSigmoid")  # x · gate(x) is one nonlinearity (SiLU/Swish, hard swish)
 
-Hook = Callable[[object, list], list]  # (node, outputs) -> outputs
-
-
-def run_graph(graph: TorchGraph, feeds: dict, outputs: Sequence[str], after: Optional[Hook] = None) -> dict:
-    """``graph.run`` with ``after(node, results)`` applied to each node's outputs (gradients as the caller sets)."""
-    return graph.run(feeds, outputs, after=after)
 
 
 def nonlinearity_outputs(graph: TorchGraph) -> frozenset:
@@ -163,7 +157,7 @@ class GradientGraph:
             return results
 
         with torch.no_grad():
-            run_graph(self.graph, {self.meta.input_name: x}, [self.meta.probs_output], after=record)
+            self.graph.run({self.meta.input_name: x}, [self.meta.probs_output], after=record)
         return found
 
     def forward(self, x, outputs: Sequence[str], bounds: Optional[dict] = None) -> dict:
@@ -179,7 +173,7 @@ class GradientGraph:
                     return results
                 return [apply(results[0], *b), *results[1:]]
 
-        return run_graph(self.graph, {self.meta.input_name: x}, outputs, after=hook)
+        return self.graph.run({self.meta.input_name: x}, outputs, after=hook)
 
     # ------------------------------------------------------------ Grad-CAM
     def activation_gradients(self, x, targets: Sequence[int], score: str = "logit"):
@@ -214,7 +208,7 @@ class GradientGraph:
             leaf.clear()
             with torch.enable_grad():
                 xs = x.expand(group, *x.shape[1:])
-                out = run_graph(self.graph, {meta.input_name: xs}, [field], after=detach_at_activation)[field]
+                out = self.graph.run({meta.input_name: xs}, [field], after=detach_at_activation)[field]
                 if "a" not in leaf:
                     raise InvalidInputError(f"the activation output {meta.activation_output!r} is not computed on the "
                                             f"way to {field!r}")
