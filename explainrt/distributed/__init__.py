@@ -102,6 +102,20 @@ class _Worker:
         self.explainer = Explainer(model, batch_size=batch_size, backend=backend, device=device, threads=threads)
         self.hw = tuple(self.explainer.metadata.input_size)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.methods: list = []
+
+    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict:
+        """Rows for a batch: ``_rows(path, rgb)`` per decoded image; an image that cannot be decoded
+        (or whose ``_rows`` fails) gives one failed row per method, and the job goes on."""
+        rows = []
+        for i in range(len(next(iter(batch.values())))):
+            path = str(batch["path"][i])
+            try:
+                path, rgb = _decode(batch, i)
+                rows.extend(self._rows(path, rgb))
+            except Exception as exc:  # noqa: BLE001 (recorded in the error column, the job goes on)
+                rows.extend(self._failed(path, m, exc) for m in self.methods)
+        return _columns(rows)
 
 
 class ExplainBatch(_Worker):
@@ -112,27 +126,20 @@ class ExplainBatch(_Worker):
         super().__init__(model, batch_size, backend, device, threads)
         self.methods, self.params, self.target = list(methods), dict(params), target
 
-    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict:
+    def _rows(self, path: str, rgb: np.ndarray) -> list:
         rows = []
-        for i in range(len(next(iter(batch.values())))):
-            path = str(batch["path"][i])
+        for method in self.methods:  # one method's failure is that row's alone
             try:
-                path, rgb = _decode(batch, i)
-            except Exception as exc:  # noqa: BLE001 (recorded in the error column, the job goes on)
-                rows.extend(self._failed(path, m, exc) for m in self.methods)
+                result = self.explainer.explain(rgb, method, target=self.target, **self.params.get(method, {}))
+            except Exception as exc:  # noqa: BLE001
+                rows.append(self._failed(path, method, exc))
                 continue
-            for method in self.methods:
-                try:
-                    result = self.explainer.explain(rgb, method, target=self.target, **self.params.get(method, {}))
-                except Exception as exc:  # noqa: BLE001
-                    rows.append(self._failed(path, method, exc))
-                    continue
-                rows.append({"path": path, "method": method, "target": result.target, "label": result.label,
-                             "probability": float(result.probs[result.target]),
-                             "forward_passes": result.forward_passes, "saliency": result.saliency,
-                             **{k: float(result.timings[k]) for k in TIMING_KEYS}, "error": "", "worker": self.name,
-                             "finished": time.time()})
-        return _columns(rows)
+            rows.append({"path": path, "method": method, "target": result.target, "label": result.label,
+                         "probability": float(result.probs[result.target]),
+                         "forward_passes": result.forward_passes, "saliency": result.saliency,
+                         **{k: float(result.timings[k]) for k in TIMING_KEYS}, "error": "", "worker": self.name,
+                         "finished": time.time()})
+        return rows
 
     def _failed(self, path: str, method: str, exc: BaseException) -> dict:
         return {"path": path, "method": method, "target": -1, "label": "", "probability": float("nan"),
@@ -153,22 +160,13 @@ class EvaluateBatch(_Worker):
         self.pixels = self.hw[0] * self.hw[1]  # the curves are computed at the model's input size
         self.points = step_count(self.pixels, step) + 1  # scores per curve
 
-    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict:
+    def _rows(self, path: str, rgb: np.ndarray) -> list:
         from ..metrics.evaluate import evaluate_image
 
-        rows = []
-        for i in range(len(next(iter(batch.values())))):
-            path = str(batch["path"][i])
-            try:
-                path, rgb = _decode(batch, i)
-                stem = os.path.splitext(os.path.basename(path))[0]
-                records = evaluate_image(self.explainer, rgb, stem, self.methods, self.params, step=self.step,
-                                         percentile=self.percentile)
-            except Exception as exc:  # noqa: BLE001 (recorded in the error column, the job goes on)
-                rows.extend(self._failed(path, m, exc) for m in self.methods)
-                continue
-            rows.extend(self._row(path, r) for r in records)
-        return _columns(rows)
+        stem = os.path.splitext(os.path.basename(path))[0]
+        records = evaluate_image(self.explainer, rgb, stem, self.methods, self.params, step=self.step,
+                                 percentile=self.percentile)
+        return [self._row(path, r) for r in records]
 
     def _row(self, path: str, r) -> dict:
         m = r.explanation_map

@@ -67,25 +67,40 @@ def _one_target(args, meta):
     return targets[0]
 
 
-def cmd_explain_ray(args) -> int:
-    """`explain --ray`: Parquet rows under OUTPUT/explanations, the summary in OUTPUT/summary.json."""
-    from ..cli import method_applies, methods_for_model, params_by_method, parse_params
-    from ..outputs import parse_methods, prepare_output_dir
-    from . import explain_dataset, summarise_explanations
-
+def _methods(args, spec: str):
+    """(methods, their -p parameters) of the command line; without Ray installed, first, the
+    one-line error that names the extra."""
+    from ..cli import params_by_method, parse_params
+    from ..outputs import parse_methods
     from . import _ray
 
-    _ray()  # without Ray installed: the one-line error that names the extra, before anything else
-    methods = parse_methods(args.method)
-    params = params_by_method(parse_params(args.param), methods)
-    meta = _metadata(args.model)
-    methods = methods_for_model(args.method, methods, meta.name, lambda m: method_applies(m, params[m], meta))
-    target = _one_target(args, meta)
+    _ray()
+    methods = parse_methods(spec)
+    return methods, params_by_method(parse_params(args.param), methods)
+
+
+def _begin(args, rows_dir: str) -> str:
+    """Create OUTPUT, start (or join) Ray; the path of the Parquet rows, OUTPUT/``rows_dir``."""
+    from ..outputs import prepare_output_dir
+
     prepare_output_dir(args.output)
-    out = os.path.join(args.output, "explanations")
+    out = os.path.join(args.output, rows_dir)
     if os.path.exists(out):
         raise InvalidInputError(f"{out} exists: give another -o (Ray's Parquet writer adds files to a directory)")
     _start(args)
+    return out
+
+
+def cmd_explain_ray(args) -> int:
+    """`explain --ray`: Parquet rows under OUTPUT/explanations, the summary in OUTPUT/summary.json."""
+    from ..cli import method_applies, methods_for_model
+    from . import explain_dataset, summarise_explanations
+
+    methods, params = _methods(args, args.method)
+    meta = _metadata(args.model)
+    methods = methods_for_model(args.method, methods, meta.name, lambda m: method_applies(m, params[m], meta))
+    target = _one_target(args, meta)
+    out = _begin(args, "explanations")
     t0 = time.perf_counter()
     ds = explain_dataset(args.model, _images_arg(args.images), methods, params=params, target=target, output=out,
                          batch_size=args.batch_size, backend=args.backend, device=args.device, threads=args.threads,
@@ -113,21 +128,14 @@ def cmd_explain_ray(args) -> int:
 
 def cmd_eval_ray(args) -> int:
     """`eval --ray`: what `eval` writes (eval.json, with the failed images; eval.csv; curves.png), rows as Parquet."""
-    from ..cli import params_by_method, parse_params
     from ..metrics import evaluate as ev
-    from ..outputs import parse_methods, prepare_output_dir
     from . import evaluate_dataset, evaluation_records
 
     if args.reference_dir:
         raise InvalidInputError("--reference-dir is not supported with --ray (reference maps would have to be on every "
                                 "worker); run `eval` without --ray for similarity scores")
-    methods = parse_methods(args.methods)
-    params = params_by_method(parse_params(args.param), methods)
-    prepare_output_dir(args.output)
-    out = os.path.join(args.output, "eval_rows")
-    if os.path.exists(out):
-        raise InvalidInputError(f"{out} exists: give another -o (Ray's Parquet writer adds files to a directory)")
-    _start(args)
+    methods, params = _methods(args, args.methods)
+    out = _begin(args, "eval_rows")
     t0 = time.perf_counter()
     ds = evaluate_dataset(args.model, _images_arg(args.images), methods, params=params, step=args.step,
                           percentile=args.percentile, output=out, batch_size=args.batch_size, backend=args.backend,
