@@ -139,6 +139,9 @@ class FeatureCamExplainer(Method):
     def gradients_needed(self, meta) -> bool:
         return self.base.gradients_needed(meta)
 
+    def check_model(self, meta) -> None:
+        self.base.check_model(meta)
+
     def explain(self, ctx: Context) -> dict:
         xp = ctx.xp
         base_raw = self.base.explain(ctx)["raw"]

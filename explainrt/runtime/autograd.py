@@ -184,10 +184,6 @@ class GradientGraph:
         torch, meta = self.torch, self.meta
         if meta.activation_output is None:
             raise InvalidInputError("gradient CAMs need the activations of a feature layer; this model has none")
-        if meta.activation_layout != "NCHW":
-            raise InvalidInputError(
-                f"gradient CAMs are implemented for NCHW feature layers; this model's explained tensor is "
-                f"{meta.activation_layout}: use scorecam, sidu or rise")
         field = meta.logits_output if score == "logit" else meta.probs_output
         if field is None:
             raise InvalidInputError("score='logit' needs a model exported with a logits output; use score='prob'")

@@ -331,4 +331,6 @@ def test_gradient_cams_refuse_token_layouts_up_front(tmp_path):
             check_applicable(method, METHODS[method].create(), meta)
         with pytest.raises(InvalidInputError, match="implemented for NCHW"):
             Explainer(str(tmp_path / "vit.onnx"), backend="torch").explain(planted_image(), method)
+    with pytest.raises(InvalidInputError, match="implemented for NCHW"):  # as Feature CAM's base too
+        check_applicable("featurecam", METHODS["featurecam"].create(base="gradcam"), meta)
     check_applicable("scorecam", METHODS["scorecam"].create(), meta)
