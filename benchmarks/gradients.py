@@ -11,7 +11,11 @@ Three comparisons, each measured side by side in one process (runs interleaved, 
 3. Grad-CAM: explainrt forward-only (the CAM head, ONNX Runtime), explainrt through the torch
    engine's autograd, and a plain autograd Grad-CAM on the nn.Module (hook on the explained
    layer, one backward per target, weights requiring grad as in pytorch-grad-cam); Pearson r
-   of the maps. pytorch-grad-cam is not in the main venv; its GradCAM computes the plain one.
+   of the maps;
+4. where pytorch-grad-cam is installed (the README's bench environment): its GradCAM and
+   GradCAMPlusPlus against explainrt's gradcam / gradcam++ on the same weights and layer, for
+   the demo model and (with torchvision) a ResNet-18 (random weights, seeded): Pearson r of the
+   maps and time, side by side.
 
 On a shared machine the ratios move with the load: run it alone (several times).
 
@@ -93,6 +97,39 @@ def module_gradcam(torch, model, layer, x, targets):
     finally:
         handle.remove()
     return np.stack(maps)
+
+
+def peer_rows(torch, module, layer, onnx_path: str, rgb, targets, repeat: int, threads: int, name: str):
+    """pytorch-grad-cam vs explainrt (forward-only where the model has a CAM head, else the torch
+    engine's autograd) on ``module``/``layer`` and its export: (table rows, record)."""
+    from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    ours_explainer = Explainer(onnx_path, threads=threads)
+    autograd = Explainer(onnx_path, backend="torch", threads=threads)
+    x = torch.from_numpy(ours_explainer.prepare(rgb).x).expand(len(targets), -1, -1, -1).contiguous()
+    rows, record = [], {}
+    for method, peer_cls in (("gradcam", GradCAM), ("gradcam++", GradCAMPlusPlus)):
+        peer = peer_cls(model=module, target_layers=[layer])
+        maps = {}
+
+        def run(key, fn):
+            def call():
+                maps[key] = fn()
+            return call
+
+        fns = {"peer": run("peer", lambda: peer(input_tensor=x, targets=[ClassifierOutputTarget(t) for t in targets]))}
+        head = ours_explainer.metadata.cam_head is not None
+        fns["ours"] = run("ours", lambda: (ours_explainer if head else autograd).explain(
+            rgb, method, target=targets).saliency_maps)
+        t = interleaved(fns, repeat)
+        r = [pearson(maps["ours"][i], maps["peer"][i]) for i in range(len(targets))]
+        path = "forward-only (ORT, CAM head)" if head else "torch-engine autograd"
+        record[method] = {"seconds": t, "pearson": r, "path": path}
+        rows.append([f"{name}: {method}, {len(targets)} targets, {path}", f"{t['ours'] * 1e3:.1f} ms",
+                     f"{t['peer'] * 1e3:.1f} ms", f"{t['ours'] / t['peer']:.2f}x",
+                     f"vs pytorch-grad-cam {peer_cls.__name__}: r = {min(r):.4f} (min over targets)"])
+    return rows, record
 
 
 def main() -> int:
@@ -187,8 +224,36 @@ def main() -> int:
                      f"{t['module'] * 1e3:.1f} ms", f"{t['autograd'] / t['module']:.2f}x",
                      f"r = {min(r['autograd']):.4f}"])
 
+        # 4. pytorch-grad-cam itself, where installed
+        try:
+            import pytorch_grad_cam  # noqa: F401
+        except ImportError:
+            print("pytorch-grad-cam is not installed: no side-by-side rows with it (see the README's bench "
+                  "environment)", file=sys.stderr)
+        else:
+            record["pytorch_grad_cam"] = {}
+            peer, rec = peer_rows(torch, model, layer, path, rgb, targets, args.repeat, args.threads,
+                                  "efficientnet-lite0")
+            rows += peer
+            record["pytorch_grad_cam"]["efficientnet-lite0"] = rec
+            try:
+                import torchvision
+            except ImportError:
+                print("torchvision is not installed: no ResNet rows", file=sys.stderr)
+            else:
+                from explainrt.export import export_torch
+
+                torch.manual_seed(0)
+                resnet = torchvision.models.resnet18(weights=None).eval()
+                resnet_path = os.path.join(tmp, "resnet18.onnx")
+                export_torch(resnet, resnet_path, layer="layer4")
+                peer, rec = peer_rows(torch, resnet, resnet.layer4, resnet_path, rgb, targets, args.repeat,
+                                      args.threads, "resnet18 (random weights)")
+                rows += peer
+                record["pytorch_grad_cam"]["resnet18"] = rec
+
     print(format_machine(machine))
-    print(format_rows(["measurement", "explainrt", "nn.Module", "time ratio (explainrt/module)", "note"], rows))
+    print(format_rows(["measurement", "explainrt", "peer", "time ratio (explainrt/peer)", "note"], rows))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(record, fh, indent=1)
